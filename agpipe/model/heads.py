@@ -1,0 +1,211 @@
+"""Output embeddings and heads, specialized at load to one organism and its real (non-padding) tracks.
+
+Head weights are stored per organism, (2, D, C) as in the official checkpoint; `select_` keeps the
+organism's slice and the requested channels, so the matmuls only compute real tracks. Head einsums
+accumulate and return float32 (the official `preferred_element_type=float32`), as do the
+nonlinearities and the data-space scaling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agpipe.model.config import ModelConfig
+from agpipe.model.layers import LayerNorm, Linear, RMSBatchNorm, rope, sigmoid_gelu
+
+SOFT_CLIP = 10.0
+
+
+def to_data_space(scaled: torch.Tensor, track_means: torch.Tensor, resolution: int, squash: bool) -> torch.Tensor:
+    """Model-space (scaled) track predictions -> experimental data scale, as the official model defines it."""
+    x = torch.where(scaled > SOFT_CLIP, (scaled + SOFT_CLIP) ** 2 / (4 * SOFT_CLIP), scaled)
+    if squash:
+        x = x ** (1.0 / 0.75)
+    return x * (track_means * resolution)
+
+
+def f32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w with float32 accumulation and a float32 result, whatever the compute dtype."""
+    return torch.matmul(x.float(), w.float())
+
+
+class OrganismEmbedding(nn.Module):
+    def __init__(self, num_organisms: int, d: int):
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.zeros(num_organisms, d), requires_grad=False)
+
+    def select_(self, organism: int) -> None:
+        self.vector = nn.Parameter(self.embeddings[organism].clone(), requires_grad=False)
+        del self.embeddings
+
+
+class OutputEmbedder128(nn.Module):
+    """gelu(RMSBatchNorm(Linear(trunk)) + organism) -> (B, S/128, 2D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.linear = Linear(cfg.trunk_channels, cfg.embed_128_channels)
+        self.norm = RMSBatchNorm(cfg.embed_128_channels)
+        self.organism = OrganismEmbedding(2, cfg.embed_128_channels)
+
+    def forward(self, trunk: torch.Tensor) -> torch.Tensor:
+        return sigmoid_gelu(self.norm(self.linear(trunk)) + self.organism.vector)
+
+
+class OutputEmbedder1(nn.Module):
+    """gelu(RMSBatchNorm(Linear(decoder) + repeat128(Linear(emb128))) + organism) -> (B, S, 2 x 768)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.linear = Linear(cfg.encoder_channels, cfg.embed_1_channels)
+        self.skip = Linear(cfg.embed_128_channels, cfg.embed_1_channels, bias=False)
+        self.norm = RMSBatchNorm(cfg.embed_1_channels)
+        self.organism = OrganismEmbedding(2, cfg.embed_1_channels)
+
+    def forward(self, decoded: torch.Tensor, emb128: torch.Tensor) -> torch.Tensor:
+        """decoded: (B, C, S) from the decoder; emb128: (B, S/128, 2D)."""
+        x = torch.einsum("bcs,cd->bsd", decoded, self.linear.w) + self.linear.b
+        skip = self.skip(emb128)
+        x = x + skip.repeat_interleave(x.shape[1] // skip.shape[1], dim=1)
+        return sigmoid_gelu(self.norm(x) + self.organism.vector)
+
+
+class OutputPair(nn.Module):
+    """gelu(RMS LayerNorm((P + P^T) / 2) + organism) -> (B, S/2048, S/2048, F)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.pair_dim, rms=True)
+        self.organism = OrganismEmbedding(2, cfg.pair_dim)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        x = (pair + pair.transpose(1, 2)) / 2.0
+        return sigmoid_gelu(self.norm(x) + self.organism.vector)
+
+
+class MultiOrganismLinear(nn.Module):
+    """Organism-specific linear layer; after `select_`, only one organism's chosen channels remain."""
+
+    def __init__(self, d_in: int, d_out: int, num_organisms: int = 2):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(num_organisms, d_in, d_out), requires_grad=False)
+        self.b = nn.Parameter(torch.zeros(num_organisms, d_out), requires_grad=False)
+
+    def select_(self, organism: int, channels: torch.Tensor | None) -> None:
+        w, b = self.w[organism], self.b[organism]
+        if channels is not None:
+            w, b = w[:, channels], b[channels]
+        self.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(b.contiguous(), requires_grad=False)
+        del self.w, self.b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return f32_matmul(x, self.weight) + self.bias.float()
+
+
+class TrackHead(nn.Module):
+    """A genome-track head at one resolution: softplus(linear(x)) * softplus(learnt_scale)."""
+
+    def __init__(self, d_in: int, channels: int):
+        super().__init__()
+        self.linear = MultiOrganismLinear(d_in, channels)
+        self.learnt_scale = nn.Parameter(torch.ones(2, channels), requires_grad=False)
+
+    def select_(self, organism: int, channels: torch.Tensor) -> None:
+        self.linear.select_(organism, channels)
+        self.scale = nn.Parameter(self.learnt_scale[organism, channels].contiguous(), requires_grad=False)
+        del self.learnt_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softplus(self.linear(x)) * F.softplus(self.scale.float())
+
+
+@dataclasses.dataclass
+class JunctionPredictions:
+    """Splice junction counts for the top splice sites of each window.
+
+    positions: (B, 4, K) 0-based positions in the window of + donors, + acceptors, - donors,
+    - acceptors (-1 where fewer than K sites pass the threshold); counts: (B, K, K, 2, T) for
+    donor x acceptor x strand (+, -) x tissue, zero where either site is padding.
+    """
+
+    positions: torch.Tensor
+    counts: torch.Tensor
+
+
+def top_splice_sites(probs: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
+    """(B, S, 5) splice-site probabilities -> (B, 4, K) positions of the K most probable sites per class.
+
+    Matches the official selection: the top K by probability (ties to the lower position),
+    dropping those under the threshold, sorted by position, padded with -1.
+    """
+    values, positions = torch.sort(probs[..., :4], dim=1, descending=True, stable=True)
+    values, positions = values[:, :k], positions[:, :k].to(torch.float32)
+    if threshold > 0:
+        positions = torch.where(values < threshold, torch.inf, positions)
+    positions = torch.sort(positions, dim=1).values
+    positions = torch.where(torch.isinf(positions), -1.0, positions)
+    return positions.transpose(1, 2).to(torch.int64)
+
+
+class JunctionHead(nn.Module):
+    """Donor x acceptor junction counts from 1 bp embeddings at the predicted splice sites."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tissues = cfg.channels("splice_sites_junction")
+        self.d = cfg.junction_dim
+        self.max_position = cfg.junction_rope_max_position
+        self.linear = MultiOrganismLinear(cfg.embed_1_channels, self.d)
+        n = 2 * self.tissues * self.d
+        self.pos_acceptor = nn.Parameter(torch.zeros(2, n), requires_grad=False)
+        self.pos_donor = nn.Parameter(torch.zeros(2, n), requires_grad=False)
+        self.neg_acceptor = nn.Parameter(torch.zeros(2, n), requires_grad=False)
+        self.neg_donor = nn.Parameter(torch.zeros(2, n), requires_grad=False)
+
+    def select_(self, organism: int, tissues: int) -> None:
+        """Keeps the organism's first `tissues` tissues (the rest are padding)."""
+        self.linear.select_(organism, None)
+        for name in ("pos_acceptor", "pos_donor", "neg_acceptor", "neg_donor"):
+            p = getattr(self, name)[organism].view(2, self.tissues, self.d)[:, :tissues]
+            setattr(self, name, nn.Parameter(p.contiguous(), requires_grad=False))
+        self.tissues = tissues
+
+    def _site_logits(self, sites: torch.Tensor, idx: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """sites: (B, K, d) float32 at positions idx (B, K) -> (B, K, T, d) with RoPE at those positions."""
+        scale, offset = table.float()[0], table.float()[1]
+        x = scale * sites[:, :, None, :] + offset
+        # The official donor x acceptor einsum takes bf16 operands (BF16_BF16_F32) under the bf16 policy.
+        return rope(x, idx.to(torch.float32), self.max_position).to(table.dtype).float()
+
+    def forward(self, emb1: torch.Tensor, positions: torch.Tensor) -> JunctionPredictions:
+        b = emb1.shape[0]
+        gather = positions.clamp(min=0)  # padding sites (-1) are masked below
+        rows = torch.arange(b, device=emb1.device)[:, None, None]
+        sites = self.linear(emb1[rows, gather])  # (B, 4, K, d): only the selected positions are projected
+        pd, pa, nd, na = (sites[:, i] for i in range(4))
+        ipd, ipa, ind, ina = (positions[:, i] for i in range(4))
+        pos = torch.einsum(
+            "bdtc,batc->bdat",
+            self._site_logits(pd, ipd, self.pos_donor),
+            self._site_logits(pa, ipa, self.pos_acceptor),
+        )
+        neg = torch.einsum(
+            "bdtc,batc->bdat",
+            self._site_logits(nd, ind, self.neg_donor),
+            self._site_logits(na, ina, self.neg_acceptor),
+        )
+        counts = F.softplus(torch.stack([pos, neg], dim=3))  # (B, K, K, 2, T)
+        valid = torch.stack(
+            [(ipd >= 0)[:, :, None] & (ipa >= 0)[:, None, :], (ind >= 0)[:, :, None] & (ina >= 0)[:, None, :]], dim=-1
+        )
+        return JunctionPredictions(positions, torch.where(valid[..., None], counts, 0.0))
+
+
+def real_channels(padding: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.flatnonzero(~np.asarray(padding, dtype=bool)), dtype=torch.long)

@@ -1,0 +1,53 @@
+"""The dtype policy: the one place that decides what runs in which precision.
+
+Two policies, both mirroring the official model:
+- float32: everything in float32 (TF32 off, so a CUDA float32 run is a true float32 run).
+- bfloat16: the official jmp policy (params float32, compute bfloat16), with the same float32
+  islands: attention and row-attention logits and softmax (bf16 inputs, float32 accumulation),
+  normalization statistics, the RMSBatchNorm rsqrt(var_ema), head einsums and the head
+  nonlinearities (softplus, softmax, sigmoid) and data-space scaling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+
+PrecisionName = Literal["float32", "bfloat16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    name: PrecisionName
+
+    @property
+    def compute(self) -> torch.dtype:
+        """Activation and weight dtype outside the float32 islands."""
+        return torch.bfloat16 if self.name == "bfloat16" else torch.float32
+
+    @property
+    def island(self) -> torch.dtype:
+        """Dtype of the float32 islands (logits, softmax, norm statistics, head outputs)."""
+        return torch.float32
+
+
+FLOAT32 = Precision("float32")
+BFLOAT16 = Precision("bfloat16")
+
+
+def resolve_precision(name: str, device: torch.device | str) -> Precision:
+    """`auto` is bfloat16 on a GPU and float32 on the CPU."""
+    if name == "auto":
+        name = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"unknown precision {name!r}: use auto, bfloat16 or float32")
+    return Precision(name)  # type: ignore[arg-type]
+
+
+def configure_backends(precision: Precision) -> None:
+    """Keep float32 matmuls and convolutions in true float32 (no TF32) under the float32 policy."""
+    exact = precision.name == "float32"
+    torch.backends.cuda.matmul.allow_tf32 = not exact
+    torch.backends.cudnn.allow_tf32 = not exact
