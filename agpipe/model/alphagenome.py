@@ -131,7 +131,7 @@ class AlphaGenome(nn.Module):
             if isinstance(module, OrganismEmbedding):
                 module.select_(organism)
             elif hasattr(module, "fold_"):
-                module.fold_()
+                module.fold_(precision.compute)
         for p in self.parameters():
             p.data = p.data.to(precision.compute)
         return self

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import numpy as np
+
 HeadKind = Literal["tracks", "splice_classification", "splice_usage", "splice_junction", "contact_maps"]
 ORGANISMS = ("human", "mouse")  # organism_index 0 and 1, as in the official model
 
@@ -192,3 +194,20 @@ def parse_outputs(text: str) -> tuple[Output, ...]:
     if not chosen:
         raise ValueError("--outputs names no output: use head:resolution,... or 'all'")
     return tuple(sorted(chosen, key=ALL_OUTPUTS.index))
+
+
+# Positional constants, shared by the PyTorch model and the JAX reference so that both use the same
+# float32 values: the correctly rounded results of the official formulas. (The official model
+# evaluates them with XLA's float32 pow, which lands up to ~1e-6 away depending on the platform.)
+
+
+def rope_frequencies(num_freq: int, max_position: int) -> np.ndarray:
+    """RoPE inverse frequencies: 1 / (k + geomspace(1, max_position - num_freq + 1, num_freq)[k])."""
+    geom = np.geomspace(1.0, max_position - num_freq + 1, num_freq, dtype=np.float64)
+    return (1.0 / (np.arange(num_freq, dtype=np.float64) + geom)).astype(np.float32)
+
+
+def central_mask_widths(feature_size: int, seq_length: int) -> np.ndarray:
+    """Widths of the relative-position central-mask features: k + geomspace(1, L - F + 1, F, endpoint=False)[k]."""
+    geom = np.geomspace(1.0, seq_length - feature_size + 1, feature_size, endpoint=False, dtype=np.float64)
+    return (np.arange(feature_size, dtype=np.float64) + geom).astype(np.float32)

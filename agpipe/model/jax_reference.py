@@ -6,6 +6,8 @@ follows alphagenome_research 0.2.0 op for op, under either policy:
 
 - float32: every op in float32, matmuls at HIGHEST precision (a true float32 reference on any
   platform; the official `BF16_BF16_F32` dot presets are no-ops on float32 CPU inputs).
+- RoPE frequencies and central-mask widths are the correctly rounded float32 values of the official
+  formulas (`config.rope_frequencies`), shared with the PyTorch model.
 - bfloat16: the official jmp policy (params, state and inputs cast to bfloat16 on use; the same
   float32 islands). The `BF16_BF16_F32` presets are emulated by casting their operands to bfloat16,
   which is what they do on a GPU, so the reference means the same thing on CPU and GPU.
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agpipe.model.config import HEADS, ModelConfig, OFFICIAL
+from agpipe.model.config import HEADS, OFFICIAL, ModelConfig, central_mask_widths, rope_frequencies
 
 Tree = Mapping[str, Mapping[str, Any]]
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -56,8 +58,19 @@ class _Policy:
         return out if f32_out else out.astype(jnp.result_type(a, b))
 
 
+def _f32(fn, x):
+    """A transcendental function evaluated in float32 and rounded to x's dtype, as XLA does on GPU
+    (XLA's CPU backend expands some of them in bfloat16 steps, which would make the reference
+    depend on the platform)."""
+    return fn(x.astype(jnp.float32)).astype(x.dtype)
+
+
 def _sigmoid_gelu(x):
-    return jax.nn.sigmoid(jnp.asarray(1.702, x.dtype) * x) * x
+    return _f32(jax.nn.sigmoid, jnp.asarray(1.702, x.dtype) * x) * x
+
+
+def _tanh_gelu(x):
+    return _f32(jax.nn.gelu, x)
 
 
 def _sfx(i: int) -> str:
@@ -71,7 +84,7 @@ def _linear(P: _Policy, m: str, x, bias: bool = True):
 
 def _rms_batch_norm(P: _Policy, m: str, x):
     var = P.s(m, "var_ema")
-    inv = P.p(m, "scale") * jax.lax.rsqrt(var + 1e-5).astype(x.dtype)
+    inv = P.p(m, "scale") * _f32(jax.lax.rsqrt, var + 1e-5).astype(x.dtype)
     return x * inv + P.p(m, "offset")
 
 
@@ -89,7 +102,7 @@ def _standardized_conv(P: _Policy, m: str, x):
     w = w - jnp.mean(w, axis=(0, 1), keepdims=True)
     var_w = jnp.var(w, axis=(0, 1), keepdims=True)
     fan_in = w.shape[0] * w.shape[1]
-    w = w * (P.p(m, "scale") * jax.lax.rsqrt(jnp.maximum(fan_in * var_w, 1e-4)))
+    w = w * (P.p(m, "scale") * _f32(jax.lax.rsqrt, jnp.maximum(fan_in * var_w, 1e-4)))
     out = _conv(P, x, w)
     return out + P.p(m, "bias")
 
@@ -144,12 +157,11 @@ def apply_rope(x, positions, max_position: int):
     """RoPE as the official `apply_rope` (positions in x's dtype unless given)."""
     if positions is None:
         positions = jnp.arange(x.shape[1]).astype(x.dtype).reshape(1, x.shape[1])
-    num_freq = x.shape[-1] // 2
-    inv_freq = 1.0 / (jnp.arange(num_freq) + jnp.geomspace(1, max_position - num_freq + 1, num_freq)).astype(x.dtype)
+    inv_freq = jnp.asarray(rope_frequencies(x.shape[-1] // 2, max_position)).astype(x.dtype)
     theta = jnp.einsum("bs,f->bsf", positions, inv_freq, precision=HIGHEST)
     theta = jnp.repeat(theta, 2, axis=-1)[..., None, :]
     x_rotated = jnp.stack([-x[..., 1::2], x[..., ::2]], axis=-1).reshape(x.shape)
-    return x * jnp.cos(theta) + x_rotated * jnp.sin(theta)
+    return x * _f32(jnp.cos, theta) + x_rotated * _f32(jnp.sin, theta)
 
 
 def _mha(P: _Policy, cfg: ModelConfig, m: str, x, bias):
@@ -176,7 +188,7 @@ def _mlp(P: _Policy, m: str, x):
 
 
 def _attention_bias(P: _Policy, cfg: ModelConfig, m: str, pair):
-    x = jax.nn.gelu(_rms_batch_norm(P, f"{m}/rms_batch_norm", pair))
+    x = _tanh_gelu(_rms_batch_norm(P, f"{m}/rms_batch_norm", pair))
     x = _linear(P, f"{m}/linear", x, False)
     for axis in (1, 2):
         x = jnp.repeat(x, cfg.pair_pool, axis=axis)
@@ -190,15 +202,14 @@ def _shift(x, query_length: int, key_length: int):
 
 
 def _central_mask_features(distances, feature_size: int, seq_length: int):
-    widths = jnp.arange(feature_size) + jnp.geomspace(1, seq_length - feature_size + 1, feature_size, endpoint=False)
-    widths = jax.lax.broadcast_to_rank(widths, distances.ndim)
+    widths = jax.lax.broadcast_to_rank(jnp.asarray(central_mask_widths(feature_size, seq_length)), distances.ndim)
     return (widths > distances[..., None]).astype(distances.dtype)
 
 
 def _sequence_to_pair(P: _Policy, cfg: ModelConfig, m: str, x):
     b, s, d = x.shape
-    window = (1, cfg.pair_pool, 1)  # hk.AvgPool: a reduce_window sum in the activation dtype
-    x = jax.lax.reduce_window(x, jnp.asarray(0, x.dtype), jax.lax.add, window, window, "VALID") / cfg.pair_pool
+    # hk.AvgPool; summed in float32 and rounded once, as XLA does on GPU
+    x = x.reshape(b, s // cfg.pair_pool, cfg.pair_pool, d).astype(jnp.float32).mean(axis=2).astype(x.dtype)
     x = _layer_norm(P, f"{m}/norm_seq2pair", x, rms=True)
     p, h, c = x.shape[1], cfg.seq2pair_heads, cfg.seq2pair_head_dim
     q = _linear(P, f"{m}/linear_q", x, False).reshape(b, p, h, c)
@@ -214,8 +225,8 @@ def _sequence_to_pair(P: _Policy, cfg: ModelConfig, m: str, x):
     rel_k = _shift(P.einsum("bkhc,phc->bhkp", k + k_bias, pos), p, p)
     a = P.einsum("bqhc,bkhc->bqkh", q, k)
     a = a + 0.5 * (jnp.transpose(rel_q, (0, 2, 3, 1)) + jnp.transpose(rel_k, (0, 3, 2, 1)))
-    y_q = _linear(P, f"{m}/linear_y_q", jax.nn.gelu(x), False)
-    y_k = _linear(P, f"{m}/linear_y_k", jax.nn.gelu(x), False)
+    y_q = _linear(P, f"{m}/linear_y_q", _tanh_gelu(x), False)
+    y_k = _linear(P, f"{m}/linear_y_k", _tanh_gelu(x), False)
     return _linear(P, f"{m}/linear_pair", a) + y_q[:, :, None, :] + y_k[:, None, :, :]
 
 

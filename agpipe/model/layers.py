@@ -1,30 +1,39 @@
 """Building blocks shared by the trunk and the heads.
 
-Every module holds its parameters under the names our weights file uses (raw, as trained). `fold_()`
-turns them into inference constants once at load (standardized conv weights, RMSBatchNorm's
-scale * rsqrt(var_ema + eps)); `forward` reads only the folded form. Activations are (B, S, C)
-("channels last") except inside the convolutional encoder and decoder, which run (B, C, S).
+Every module holds its parameters under the names our weights file uses (raw, as trained).
+`fold_(dtype)` turns them into inference constants once at load (standardized conv weights,
+RMSBatchNorm's scale * rsqrt(var_ema + eps)), computed op for op in the policy's dtype as the official
+model computes them at every call (under the bf16 policy these folds are where most of its rounding
+happens, so we round the same way); `forward` reads only the folded form. Elementwise steps keep the
+official order of roundings (x * inv, then + offset). Activations are (B, S, C) except inside the
+convolutional encoder and decoder, which run (B, C, S).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agpipe.model.config import rope_frequencies
+
 NORM_EPS = 1e-5
 
 
+def in_f32(fn, x: torch.Tensor) -> torch.Tensor:
+    """A transcendental function evaluated in float32 and rounded once to x's dtype (the JAX
+    reference does the same; torch's own bfloat16 kernels for some of them round differently)."""
+    return fn(x.float()).to(x.dtype)
+
+
 def sigmoid_gelu(x: torch.Tensor) -> torch.Tensor:
-    """The GELU of the conv blocks and output embedders: x * sigmoid(1.702 x)."""
-    return x * torch.sigmoid(1.702 * x)
+    """The GELU of the conv blocks and output embedders: x * sigmoid(1.702 x), 1.702 in x's dtype."""
+    return x * in_f32(torch.sigmoid, torch.tensor(1.702, dtype=x.dtype) * x)
 
 
 def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
     """jax.nn.gelu's default (tanh approximation): attention-bias and sequence-to-pair blocks."""
-    return F.gelu(x, approximate="tanh")
+    return in_f32(lambda t: F.gelu(t, approximate="tanh"), x)
 
 
 class RMSBatchNorm(nn.Module):
@@ -37,8 +46,8 @@ class RMSBatchNorm(nn.Module):
         self.offset = nn.Parameter(torch.zeros(channels), requires_grad=False)
         self.register_buffer("var_ema", torch.ones(channels))
 
-    def fold_(self) -> None:
-        inv = self.scale.float() * torch.rsqrt(self.var_ema.float() + NORM_EPS)
+    def fold_(self, dtype: torch.dtype) -> None:
+        inv = self.scale.to(dtype) * in_f32(torch.rsqrt, self.var_ema.to(dtype) + NORM_EPS)
         self.inv = nn.Parameter(inv, requires_grad=False)
         del self.scale, self.var_ema
 
@@ -48,7 +57,7 @@ class RMSBatchNorm(nn.Module):
         return t.view(-1, *([1] * (ndim - 2)))  # (C, 1, ...) for a (B, C, S...) tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self._shape(self.offset, x.ndim), x, self._shape(self.inv, x.ndim))
+        return x * self._shape(self.inv, x.ndim) + self._shape(self.offset, x.ndim)
 
 
 class LayerNorm(nn.Module):
@@ -65,7 +74,7 @@ class LayerNorm(nn.Module):
             x = x - x.mean(-1, keepdim=True, dtype=torch.float32).to(x.dtype)
         var = x.square().mean(-1, keepdim=True, dtype=torch.float32)
         inv = self.scale * torch.rsqrt(var + NORM_EPS).to(x.dtype)
-        return torch.addcmul(self.offset, inv, x)
+        return inv * x + self.offset
 
 
 class Linear(nn.Module):
@@ -77,9 +86,8 @@ class Linear(nn.Module):
         self.b = nn.Parameter(torch.zeros(d_out), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.w if self.b is None else torch.addmm(self.b, x.flatten(0, -2), self.w).view(
-            *x.shape[:-1], -1
-        )
+        y = x @ self.w
+        return y if self.b is None else y + self.b
 
 
 class StandardizedConv(nn.Module):
@@ -92,17 +100,18 @@ class StandardizedConv(nn.Module):
         self.scale = nn.Parameter(torch.ones(d_out), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(d_out), requires_grad=False)
 
-    def fold_(self) -> None:
-        w = self.w.double()
-        w = w - w.mean(dim=(0, 1), keepdim=True)
-        var = w.square().mean(dim=(0, 1), keepdim=True)
+    def fold_(self, dtype: torch.dtype) -> None:
+        w = self.w.to(dtype)
+        w = w - w.mean(dim=(0, 1), keepdim=True, dtype=torch.float32).to(dtype)
+        wf = w.float()
+        var = (wf - wf.mean(dim=(0, 1), keepdim=True)).square().mean(dim=(0, 1), keepdim=True).to(dtype)
         fan_in = w.shape[0] * w.shape[1]
-        w = w * (self.scale.double() * torch.rsqrt(torch.clamp(fan_in * var, min=1e-4)))
-        self.weight = nn.Parameter(w.permute(2, 1, 0).float().contiguous(), requires_grad=False)  # (out, in, width)
+        scale = self.scale.to(dtype) * in_f32(torch.rsqrt, torch.clamp(fan_in * var, min=1e-4))
+        self.weight = nn.Parameter((w * scale).permute(2, 1, 0).contiguous(), requires_grad=False)  # (out, in, width)
         del self.w, self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv1d(x, self.weight, self.bias, padding=self.width // 2)
+        return F.conv1d(x, self.weight, padding=self.width // 2) + self.bias[:, None]
 
 
 class ConvBlock(nn.Module):
@@ -126,12 +135,9 @@ def rope(x: torch.Tensor, positions: torch.Tensor, max_position: int) -> torch.T
     x: (B, S, H, C); positions: (B, S) or (S,), in x's dtype (as the official model computes it,
     so positions are rounded to bfloat16 under the bf16 policy).
     """
-    num_freq = x.shape[-1] // 2
-    geom = torch.logspace(0, math.log10(max_position - num_freq + 1), num_freq, dtype=torch.float64)
-    inv_freq = (1.0 / (torch.arange(num_freq, dtype=torch.float64) + geom)).to(torch.float32)
-    inv_freq = inv_freq.to(device=x.device, dtype=x.dtype)
+    inv_freq = torch.from_numpy(rope_frequencies(x.shape[-1] // 2, max_position)).to(device=x.device, dtype=x.dtype)
     theta = positions.to(x.dtype)[..., None] * inv_freq  # (B, S, F) or (S, F)
     theta = theta.repeat_interleave(2, dim=-1)
     theta = theta[..., None, :] if theta.ndim == 3 else theta[None, :, None, :]
     rotated = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
-    return x * torch.cos(theta) + rotated * torch.sin(theta)
+    return x * in_f32(torch.cos, theta) + rotated * in_f32(torch.sin, theta)

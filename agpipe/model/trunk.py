@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agpipe.model.config import ModelConfig
+from agpipe.model.config import ModelConfig, central_mask_widths
 from agpipe.model.layers import (
     ConvBlock,
     LayerNorm,
@@ -27,12 +27,12 @@ class DnaEmbedder(nn.Module):
         self.conv_b = nn.Parameter(torch.zeros(c), requires_grad=False)
         self.block = ConvBlock(c, c, cfg.conv_kernel)
 
-    def fold_(self) -> None:
-        self.weight = nn.Parameter(self.conv_w.permute(2, 1, 0).contiguous(), requires_grad=False)
+    def fold_(self, dtype: torch.dtype) -> None:
+        self.weight = nn.Parameter(self.conv_w.to(dtype).permute(2, 1, 0).contiguous(), requires_grad=False)
         del self.conv_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv1d(x, self.weight, self.conv_b, padding=self.weight.shape[-1] // 2)
+        x = F.conv1d(x, self.weight, padding=self.weight.shape[-1] // 2) + self.conv_b[:, None]
         return x + self.block(x)
 
 
@@ -172,9 +172,7 @@ class AttentionBiasBlock(nn.Module):
 
 def central_mask_features(distances: torch.Tensor, feature_size: int, seq_length: int) -> torch.Tensor:
     """Exponentially spaced central-mask features of |relative position| (float32)."""
-    stop = seq_length - feature_size + 1
-    geom = torch.logspace(0, math.log10(stop), feature_size + 1, dtype=torch.float64)[:-1]
-    widths = (torch.arange(feature_size, dtype=torch.float64) + geom).float().to(distances.device)
+    widths = torch.from_numpy(central_mask_widths(feature_size, seq_length)).to(distances.device)
     return (widths > distances[..., None]).float()
 
 

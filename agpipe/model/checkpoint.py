@@ -1,0 +1,257 @@
+"""Official checkpoint <-> our weights file, through the one mapping table.
+
+- An official checkpoint is an Orbax StandardCheckpointer tree `(params, state)`: Haiku nested dicts
+  {'module/path': {'name': array}}, float32.
+- Our weights file is safetensors: tensors named by `param_mapping` (our PyTorch state_dict keys),
+  plus, in the header, the model config and the track metadata (JSON). It never holds code, so
+  loading it never unpickles anything.
+
+Conversion is strict: every official array used exactly once and every shape and dtype checked;
+a mismatch stops with one line naming the path, the expected and the found value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from agpipe.model.config import ModelConfig
+from agpipe.model.param_mapping import Entry, mapping
+
+FORMAT = "agpipe-weights-v1"
+Tree = dict[str, dict[str, np.ndarray]]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that does not match the architecture (one-line message)."""
+
+
+def our_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of our tensors for a config, without allocating them."""
+    import torch
+
+    from agpipe.model.alphagenome import AlphaGenome
+
+    with torch.device("meta"):
+        model = AlphaGenome(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def official_spec(cfg: ModelConfig) -> dict[str, tuple[Entry, tuple[int, ...]]]:
+    """'[STATE ]module/path/name' -> (table entry, official shape)."""
+    shapes = our_shapes(cfg)
+    return {
+        ("STATE " if e.state else "") + e.official: (e, (1,) * e.lead + shapes[e.ours]) for e in mapping(cfg)
+    }
+
+
+def _split(path: str) -> tuple[str, str]:
+    module, _, name = path.rpartition("/")
+    return module, name
+
+
+def _flatten(params: Mapping, state: Mapping) -> dict[str, np.ndarray]:
+    flat = {}
+    for prefix, tree in (("", params), ("STATE ", state)):
+        for module, arrays in tree.items():
+            for name, array in arrays.items():
+                flat[f"{prefix}{module}/{name}"] = array
+    return flat
+
+
+def official_to_ours(params: Mapping, state: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Maps an official (params, state) tree to our tensors; strict about names, shapes and dtypes."""
+    spec = official_spec(cfg)
+    flat = _flatten(params, state)
+    for path in flat:
+        if path not in spec:
+            raise CheckpointError(f"unexpected array {path} {tuple(np.shape(flat[path]))}: not in the official AlphaGenome tree")
+    tensors = {}
+    for path, (entry, shape) in spec.items():
+        if path not in flat:
+            raise CheckpointError(f"missing array {path}: expected shape {shape} float32")
+        array = flat[path]
+        if tuple(np.shape(array)) != shape:
+            raise CheckpointError(f"shape mismatch at {path}: expected {shape}, found {tuple(np.shape(array))}")
+        if np.dtype(array.dtype) != np.float32:
+            raise CheckpointError(f"dtype mismatch at {path}: expected float32, found {np.dtype(array.dtype)}")
+        tensors[entry.ours] = np.asarray(array).reshape(shape[entry.lead :])
+    return tensors
+
+
+def ours_to_official(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> tuple[Tree, Tree]:
+    """The inverse mapping: our tensors -> official (params, state), e.g. to run the JAX reference."""
+    params: Tree = {}
+    state: Tree = {}
+    for path, (entry, shape) in official_spec(cfg).items():
+        if entry.ours not in tensors:
+            raise CheckpointError(f"missing tensor {entry.ours} (official {entry.official})")
+        module, name = _split(entry.official)
+        (state if entry.state else params).setdefault(module, {})[name] = np.asarray(tensors[entry.ours]).reshape(shape)
+    return params, state
+
+
+def random_official_tree(cfg: ModelConfig, seed: int = 0) -> tuple[Tree, Tree]:
+    """A complete official-layout tree with random values of realistic scale (tests, the demo model).
+
+    Weights are N(0, 1/fan_in); norm scales near 1 and var_ema in [0.5, 2]; residual branches are
+    damped (branch-output norms 0.3, conv scales 0.5, decoder residual_scale 0.5) so activations stay
+    O(1) through the encoder, tower and decoder, as in a trained model. An undamped random model
+    grows its activations ~30x through the decoder and amplifies bfloat16 rounding accordingly.
+    """
+    rng = np.random.default_rng(seed)
+    params: Tree = {}
+    state: Tree = {}
+    for path, (entry, shape) in official_spec(cfg).items():
+        module, name = _split(entry.official)
+        if name == "var_ema":
+            value = rng.uniform(0.5, 2.0, shape)
+        elif name == "scale" and module.endswith("rms_batch_norm_1"):
+            value = 0.3 * (1.0 + 0.1 * rng.standard_normal(shape))  # residual branch outputs
+        elif name == "scale" and module.endswith("standardized_conv1_d"):
+            value = 0.5 * (1.0 + 0.1 * rng.standard_normal(shape))
+        elif name == "scale":
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name in ("offset", "b", "bias"):
+            value = 0.05 * rng.standard_normal(shape)
+        elif name == "residual_scale":
+            value = np.full(shape, 0.5)
+        elif name == "learnt_scale":
+            value = 0.5 * rng.standard_normal(shape)
+        elif name == "embeddings":
+            value = 0.1 * rng.standard_normal(shape)
+        elif name in ("q_r_bias", "k_r_bias"):
+            value = 0.05 * rng.standard_normal(shape)
+        else:
+            fan_in = int(np.prod(shape[:-1])) if "conv" in module else shape[-2] if len(shape) >= 2 else 1
+            value = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
+        (state if entry.state else params).setdefault(module, {})[name] = value.astype(np.float32)
+    return params, state
+
+
+# ---- Orbax --------------------------------------------------------------------------------------
+
+
+def find_orbax_root(directory: str | os.PathLike) -> Path:
+    """The folder holding the Orbax checkpoint: `directory` itself or one level below it."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder {root} does not exist or is not a folder")
+    for candidate in (root, *sorted(p for p in root.iterdir() if p.is_dir())):
+        if (candidate / "_CHECKPOINT_METADATA").exists() or (candidate / "_METADATA").exists():
+            return candidate
+    raise CheckpointError(f"no Orbax checkpoint in {root}: expected _CHECKPOINT_METADATA (the official checkpoint folder)")
+
+
+def read_orbax(directory: str | os.PathLike) -> tuple[Tree, Tree]:
+    """Reads an official `(params, state)` Orbax checkpoint as numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    root = find_orbax_root(directory)
+    try:
+        tree = ocp.StandardCheckpointer().restore(root.absolute())
+    except Exception as e:  # orbax raises many kinds; the user needs the folder and the reason
+        raise CheckpointError(f"cannot read Orbax checkpoint {root}: {str(e).splitlines()[0]}") from e
+    if not isinstance(tree, (list, tuple)) or len(tree) != 2:
+        raise CheckpointError(f"{root} is not an AlphaGenome checkpoint: expected a (params, state) pair")
+    params, state = ({m: {n: np.asarray(a) for n, a in arrays.items()} for m, arrays in t.items()} for t in tree)
+    return params, state
+
+
+def write_orbax(directory: str | os.PathLike, params: Tree, state: Tree) -> None:
+    """Saves `(params, state)` exactly as the official checkpoints are saved (tests and tooling)."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(Path(directory).absolute(), (params, state))
+    checkpointer.wait_until_finished()
+
+
+# ---- our weights file ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class WeightsFile:
+    path: Path
+    cfg: ModelConfig
+    tensors: dict[str, np.ndarray]
+    metadata_json: str
+    sha256: str
+
+
+def config_to_json(cfg: ModelConfig) -> str:
+    fields = dataclasses.asdict(cfg)
+    fields["head_channels"] = [list(x) for x in cfg.head_channels]
+    return json.dumps(fields, sort_keys=True)
+
+
+def config_from_json(text: str) -> ModelConfig:
+    fields = json.loads(text)
+    fields["head_channels"] = tuple((str(h), int(c)) for h, c in fields["head_channels"])
+    return ModelConfig(**fields)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_weights(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], cfg: ModelConfig, metadata_json: str) -> None:
+    """Writes our weights file atomically (temporary name in the same folder, then rename)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    expected = our_shapes(cfg)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"cannot save weights: missing tensor {missing[0]}")
+    header = {"format": FORMAT, "config": config_to_json(cfg), "tracks": metadata_json}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(tensors[k]) for k in expected}, tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_weights(path: str | os.PathLike) -> WeightsFile:
+    """Reads our weights file (safetensors only) and checks every tensor against the config it names."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            header = f.metadata() or {}
+            if header.get("format") != FORMAT:
+                raise CheckpointError(f"{path} is not an agpipe weights file: convert an official checkpoint with `agpipe convert`")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from e
+    cfg = config_from_json(header["config"])
+    expected = our_shapes(cfg)
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise CheckpointError(f"weights file {path} lacks tensor {key}")
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(f"weights file {path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise CheckpointError(f"weights file {path} has unexpected tensor {extra[0]}")
+    return WeightsFile(path, cfg, tensors, header["tracks"], file_sha256(path))
