@@ -77,6 +77,14 @@ def test_existing_index_is_used(tmp_path):
     assert Path(f"{path}.fai").read_bytes() == index
 
 
+def test_missing_gzi_is_rebuilt(tmp_path):
+    path = write_fasta(tmp_path / "g.fa.gz", fasta_bytes(RECORDS), compress=True)
+    open_genome(path).close()
+    Path(f"{path}.gzi").unlink()
+    assert open_genome(path).fetch("chrM", 0, 5) == b"ACGTN"
+    assert Path(f"{path}.gzi").exists()
+
+
 @pytest.fixture
 def read_only(tmp_path):
     """Makes a folder unwritable, even for root (chattr +i) where chmod is not enough."""
