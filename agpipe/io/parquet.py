@@ -237,7 +237,8 @@ def write_window(
         bins = (window.end - window.start) // output.resolution
         _check_shape(window, f"{output} output", values.shape, (bins, len(columns[output])))
         schema = _schema(PREDICTION_KEYS, columns[output], value_dtype)
-        parts.append(_write_part(out, output, window, schema, _prediction_chunks(window, contig_length, output, values, schema)))
+        chunks = _prediction_chunks(window, contig_length, output, values, schema)
+        parts.append(_write_part(out, output, window, schema, chunks))
     if junctions is not None:
         schema = _schema(JUNCTION_KEYS, columns[JUNCTIONS], value_dtype)
         parts.append(_write_part(out, JUNCTIONS, window, schema, [_junction_table(window, junctions, schema)]))
@@ -464,9 +465,9 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> tuple[int, s
 
 
 def _output_error(path: Path, err: OSError) -> OutputError:
-    # pyarrow's messages name the temporary and span lines; the errno's text says it all.
-    reason = err.strerror or (os.strerror(err.errno) if err.errno else " ".join(str(err).split()) or type(err).__name__)
-    error = OutputError(f"cannot write {path}: {reason}")
+    # pyarrow's messages can name the temporary and span lines; the errno's text says it all.
+    reason = err.strerror or (os.strerror(err.errno) if err.errno else str(err)) or type(err).__name__
+    error = OutputError(f"cannot write {path}: {' '.join(reason.split())}")
     error.errno = err.errno  # lets a caller tell a full disk (ENOSPC) from a permission problem
     return error
 
