@@ -32,16 +32,9 @@ from agpipe.model.heads import (
     to_data_space,
     top_splice_sites,
 )
+from agpipe.model.metadata import HeadTracks
 from agpipe.model.precision import FLOAT32, Precision
 from agpipe.model.trunk import Decoder, Encoder, TransformerTower
-
-
-@dataclasses.dataclass(frozen=True)
-class HeadTracks:
-    """What the model needs to know of a head's tracks for one organism."""
-
-    padding: np.ndarray  # (channels,) bool: True for padding tracks
-    nonzero_mean: np.ndarray  # (channels,) float: data-space scale per track (1.0 where unknown)
 
 
 @dataclasses.dataclass

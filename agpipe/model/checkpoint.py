@@ -249,6 +249,8 @@ def load_weights(path: str | os.PathLike) -> WeightsFile:
     for key, shape in expected.items():
         if key not in tensors:
             raise CheckpointError(f"weights file {path} lacks tensor {key}")
+        if shape == () and tensors[key].shape == (1,):
+            tensors[key] = tensors[key].reshape(())  # safetensors stores scalars as (1,)
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"weights file {path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
     extra = sorted(set(tensors) - set(expected))

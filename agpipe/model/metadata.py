@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from agpipe.model.alphagenome import HeadTracks
 from agpipe.model.config import HEADS, ORGANISMS, ModelConfig
 
 Organism = str | int  # "human" / "mouse", or the organism index 0 / 1
@@ -49,6 +48,14 @@ OUTPUT_TYPES = {
     "OUTPUT_TYPE_CONTACT_MAPS": "contact_maps",
     "OUTPUT_TYPE_PROCAP": "procap",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadTracks:
+    """What the model needs to know of a head's tracks for one organism."""
+
+    padding: np.ndarray  # (channels,) bool: True for padding tracks
+    nonzero_mean: np.ndarray  # (channels,) float32: data-space scale per track (1.0 where unknown)
 
 
 @dataclasses.dataclass(frozen=True)
