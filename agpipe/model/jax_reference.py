@@ -280,7 +280,10 @@ def to_data_space(scaled, track_means, resolution: int, squash: bool):
     return x * (track_means[:, None] * resolution).astype(x.dtype)
 
 
-def _top_splice_sites(probs, k: int, threshold: float):
+def top_splice_sites(probs, k: int, threshold: float):
+    """The official site selection with ties going to the lower position (lax.top_k). The official
+    model uses lax.approx_max_k, which picks among exactly tied probabilities in a platform-defined
+    order; otherwise they agree."""
     values, positions = jax.lax.top_k(jnp.moveaxis(probs[..., :4], 1, -1), k)  # (B, 4, K)
     values, positions = jnp.moveaxis(values, -1, 1), jnp.moveaxis(positions, -1, 1)
     if threshold > 0:
@@ -323,11 +326,14 @@ def forward(
     junction_tissues: np.ndarray,
     cfg: ModelConfig = OFFICIAL,
     precision: str = "float32",
+    splice_site_positions=None,
 ):
     """The official forward pass: ({head: outputs}, embeddings).
 
     track_means: per genome-track head, (2, channels) nonzero_mean per organism and track.
     junction_tissues: (2,) number of real splice-junction tissues per organism.
+    splice_site_positions: (B, 4, K) sites to read junctions at (as the official `predict_junctions`
+    takes them); by default the top sites of the model's own splice-site predictions.
     """
     P = _Policy(params, state, precision)
     x = jnp.asarray(one_hot).astype(P.compute)
@@ -372,9 +378,11 @@ def forward(
             logits = _multi_organism_linear(P, f"{m}/multi_organism_linear", e1, organism_index)
             out[name] = {"logits": logits, "predictions": jax.nn.sigmoid(logits.astype(jnp.float32))}
     t = cfg.channels("splice_sites_junction")
-    positions = _top_splice_sites(
-        out["splice_sites_classification"]["predictions"], cfg.num_splice_sites, cfg.splice_site_threshold
-    )
+    positions = splice_site_positions
+    if positions is None:
+        positions = top_splice_sites(
+            out["splice_sites_classification"]["predictions"], cfg.num_splice_sites, cfg.splice_site_threshold
+        )
     real = jnp.arange(t)[None, :] < jnp.asarray(junction_tissues)[organism_index][:, None]
-    out["splice_sites_junction"] = _junctions(P, cfg, e1, positions, organism_index, real)
+    out["splice_sites_junction"] = _junctions(P, cfg, e1, jnp.asarray(positions, jnp.int32), organism_index, real)
     return out, embeddings
