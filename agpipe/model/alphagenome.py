@@ -78,8 +78,13 @@ class AlphaGenome(nn.Module):
         outputs: Iterable[Output],
         tracks: Mapping[str, HeadTracks],
         precision: Precision = FLOAT32,
+        flex_attention: bool = False,
     ) -> AlphaGenome:
-        """Specialize in place for inference: one organism, the requested outputs, one dtype policy."""
+        """Specialize in place for inference: one organism, the requested outputs, one dtype policy.
+
+        flex_attention: run the main attention as one fused FlexAttention kernel (kernels.flex_mha)
+        instead of the reference einsum + softmax that materializes (B, H, S, S) logits.
+        """
         self.outputs = tuple(outputs)
         self.organism_index = organism
         self.precision = precision
@@ -127,6 +132,8 @@ class AlphaGenome(nn.Module):
                 module.fold_(precision.compute)
         for p in self.parameters():
             p.data = p.data.to(precision.compute)
+        for block in self.tower.attn:
+            block.flex = flex_attention
         return self
 
     # ---- forward ------------------------------------------------------------------------------
@@ -141,13 +148,26 @@ class AlphaGenome(nn.Module):
         e1 = self.embed1(self.decoder(trunk.transpose(1, 2), skips), e128) if self.need_1bp else None
         return Embeddings(e1, e128, self.embed_pair(pair) if self.need_pair else None)
 
-    def forward(self, one_hot: torch.Tensor, scaled: bool = False) -> dict[Output, torch.Tensor | JunctionPredictions]:
-        """Predictions for the prepared outputs; `scaled=True` gives genome tracks in model space."""
+    def forward(
+        self, one_hot: torch.Tensor, scaled: bool = False, keep: tuple[int, int] | None = None
+    ) -> dict[Output, torch.Tensor | JunctionPredictions]:
+        """Predictions for the prepared outputs, in the policy's output dtype.
+
+        scaled: genome tracks in model space instead of data space.
+        keep: (start, end) in bp within the window, multiples of 128: per-position outputs are only
+        computed there (heads are pointwise, so this equals cropping afterwards; junctions and contact
+        maps always cover the whole window).
+        """
         emb = self.embed(one_hot)
+        full_e1 = emb.e1
+        if keep is not None:
+            lo, hi = keep
+            emb.e1 = None if emb.e1 is None else emb.e1[:, lo:hi]
+            emb.e128 = None if emb.e128 is None else emb.e128[:, lo // 128 : hi // 128]
         out: dict[Output, torch.Tensor | JunctionPredictions] = {}
         probs = None
         if "splice_sites_classification" in self.heads:
-            probs = torch.softmax(self.heads["splice_sites_classification"](emb.e1), dim=-1)
+            probs = torch.softmax(self.heads["splice_sites_classification"](full_e1), dim=-1)
         for o in self.outputs:
             head = self.heads[o.head]
             kind = HEADS[o.head].kind
@@ -157,10 +177,14 @@ class AlphaGenome(nn.Module):
             elif kind == "contact_maps":
                 out[o] = head(emb.pair)
             elif kind == "splice_classification":
-                out[o] = probs[..., self.heads["splice_sites_classification"].keep]
+                window_probs = probs if keep is None else probs[:, keep[0] : keep[1]]
+                out[o] = window_probs[..., self.heads["splice_sites_classification"].keep]
             elif kind == "splice_usage":
                 out[o] = torch.sigmoid(head(emb.e1))
             else:
                 positions = top_splice_sites(probs, self.cfg.num_splice_sites, self.cfg.splice_site_threshold)
-                out[o] = head(emb.e1, positions)
+                junctions = head(full_e1, positions)
+                out[o] = JunctionPredictions(junctions.positions, junctions.counts.to(self.precision.output))
+                continue
+            out[o] = out[o].to(self.precision.output)
         return out

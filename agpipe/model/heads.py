@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agpipe.model.config import ModelConfig
+from agpipe.model.kernels import matmul_f32_out
 from agpipe.model.layers import LayerNorm, Linear, RMSBatchNorm, rope, sigmoid_gelu
 
 SOFT_CLIP = 10.0
@@ -27,11 +28,6 @@ def to_data_space(scaled: torch.Tensor, track_means: torch.Tensor, resolution: i
     if squash:
         x = x ** (1.0 / 0.75)
     return x * (track_means * resolution)
-
-
-def f32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w with float32 accumulation and a float32 result, whatever the compute dtype."""
-    return torch.matmul(x.float(), w.float())
 
 
 class OrganismEmbedding(nn.Module):
@@ -105,7 +101,7 @@ class MultiOrganismLinear(nn.Module):
         del self.w, self.b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return f32_matmul(x, self.weight) + self.bias.float()
+        return matmul_f32_out(x, self.weight) + self.bias.float()
 
 
 class TrackHead(nn.Module):

@@ -385,4 +385,7 @@ def forward(
         )
     real = jnp.arange(t)[None, :] < jnp.asarray(junction_tissues)[organism_index][:, None]
     out["splice_sites_junction"] = _junctions(P, cfg, e1, jnp.asarray(positions, jnp.int32), organism_index, real)
+    if precision == "bfloat16":  # jmp's output=bfloat16
+        to_output = lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+        out, embeddings = jax.tree_util.tree_map(to_output, (out, embeddings))
     return out, embeddings

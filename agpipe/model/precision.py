@@ -5,7 +5,8 @@ Two policies, both mirroring the official model:
 - bfloat16: the official jmp policy (params float32, compute bfloat16), with the same float32
   islands: attention and row-attention logits and softmax (bf16 inputs, float32 accumulation),
   normalization statistics, the RMSBatchNorm rsqrt(var_ema), head einsums and the head
-  nonlinearities (softplus, softmax, sigmoid) and data-space scaling.
+  nonlinearities (softplus, softmax, sigmoid) and data-space scaling; outputs are returned in
+  bfloat16, as jmp's output=bfloat16 does.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ class Precision:
         return torch.bfloat16 if self.name == "bfloat16" else torch.float32
 
     @property
-    def island(self) -> torch.dtype:
-        """Dtype of the float32 islands (logits, softmax, norm statistics, head outputs)."""
-        return torch.float32
+    def output(self) -> torch.dtype:
+        """Dtype of the model's outputs (jmp's output=bfloat16 under the bf16 policy)."""
+        return self.compute
 
 
 FLOAT32 = Precision("float32")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agpipe.model.config import ModelConfig, central_mask_widths
+from agpipe.model.kernels import flex_mha
 from agpipe.model.layers import (
     ConvBlock,
     LayerNorm,
@@ -127,6 +128,19 @@ class MHABlock(nn.Module):
         self.norm_v = LayerNorm(self.dv)
         self.out = Linear(self.h * self.dv, d)
         self.out_norm = RMSBatchNorm(d)
+        self.flex = False  # prepare_ switches the fused FlexAttention kernel on
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """(B, H, S, dk), (B, 1, S, dk), (B, 1, S, dv), bias (B, H, S/16, S/16) -> (B, H, S, dv)."""
+        if self.flex:
+            return flex_mha(q, k, v, bias, self.soft_cap)
+        s = q.shape[2]
+        logits = f32_logits(q, k) / math.sqrt(self.dk)  # (B, H, S, S)
+        rep = s // bias.shape[-1]
+        logits = logits + bias.repeat_interleave(rep, dim=-2).repeat_interleave(rep, dim=-1)
+        logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
+        w = torch.softmax(logits, dim=-1).to(attention_probs_dtype(v))
+        return torch.matmul(w.float(), v.float()).to(q.dtype)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x: (B, S, D); bias: (B, H, S/16, S/16) in float32, indexed at (q//16, k//16)."""
@@ -136,12 +150,7 @@ class MHABlock(nn.Module):
         q = rope(self.norm_q(self.q(h).view(b, s, self.h, self.dk)), positions, self.rope_max)
         k = rope(self.norm_k(self.k(h).view(b, s, 1, self.dk)), positions, self.rope_max)
         v = self.norm_v(self.v(h).view(b, s, 1, self.dv))
-        logits = f32_logits(q.transpose(1, 2), k.transpose(1, 2)) / math.sqrt(self.dk)  # (B, H, S, S)
-        rep = s // bias.shape[-1]
-        logits = logits + bias.repeat_interleave(rep, dim=-2).repeat_interleave(rep, dim=-1)
-        logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
-        w = torch.softmax(logits, dim=-1).to(attention_probs_dtype(v))
-        y = torch.matmul(w.float(), v.transpose(1, 2).float()).to(x.dtype)  # (B, H, S, dv)
+        y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias)
         y = y.transpose(1, 2).reshape(b, s, self.h * self.dv)
         return self.out_norm(self.out(y))
 
