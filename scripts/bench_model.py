@@ -1,0 +1,216 @@
+"""Model speed on one GPU: our eager float32 baseline, our fast path, and the JAX reference (jit,
+official bf16 policy), for the cases of the performance issue. One process, one card.
+
+    python scripts/bench_model.py                        # all cases, all implementations
+    python scripts/bench_model.py --cases 524288:all --impls fast
+
+Prints a table (ms per window, TFLOP/s, % of the measured bf16 matmul ceiling, peak GiB, first-call
+seconds) and writes JSON to benchmarks/results/. Random official-size weights, one random one-hot
+sequence, batch 1, outputs kept on the GPU, median of warm runs timed with CUDA events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agpipe.model.alphagenome import AlphaGenome  # noqa: E402
+from agpipe.model.checkpoint import official_to_ours, random_official_tree  # noqa: E402
+from agpipe.model.config import ALL_OUTPUTS, DEFAULT_OUTPUTS, HEADS, OFFICIAL, Output  # noqa: E402
+from agpipe.model.metadata import synthetic_metadata  # noqa: E402
+from agpipe.model.precision import BFLOAT16, FLOAT32, configure_backends  # noqa: E402
+
+OUTPUT_SETS = {"all": ALL_OUTPUTS, "128": tuple(o for o in ALL_OUTPUTS if o.resolution == 128)}
+# The work of one window as ../shared/reference/ANCHORS.md counts it for the official model (every
+# channel, padding included), so that TFLOP/s figures compare across implementations.
+OFFICIAL_TFLOP = {(131072, "all"): 9.53, (524288, "all"): 37.94, (524288, "128"): 15.41, (1048576, "all"): 77.57}
+
+
+def parse_cases(text: str) -> list[tuple[int, str]]:
+    return [(int(length), outputs) for length, outputs in (c.split(":") for c in text.split(","))]
+
+
+def timed(fn, warmup: int, runs: int) -> tuple[float, list[float]]:
+    """First-call seconds (host clock) and warm per-call milliseconds (CUDA events)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return first, times
+
+
+def matmul_ceiling() -> float:
+    """Measured bf16 GEMM rate (TFLOP/s) at 8192^3."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    _, times = timed(lambda: a @ b, 5, 20)
+    return 2 * 8192**3 / (statistics.median(times) / 1e3) / 1e12
+
+
+def count_flops(length: int, outputs, tensors, metadata) -> float:
+    """Matmul and conv FLOPs of one window (torch.utils.flop_counter on the meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build(tensors, metadata, outputs, FLOAT32, flex=False, device="meta")
+        x = torch.zeros(1, length, 4)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    return counter.get_total_flops()
+
+
+def build(tensors, metadata, outputs, precision, flex: bool, device) -> AlphaGenome:
+    heads = {o.head for o in outputs} | {"splice_sites_classification"}
+    model = AlphaGenome(OFFICIAL)
+    if device == "meta":
+        model = model.to_empty(device="meta")
+    else:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
+    model.prepare_(0, outputs, {h: metadata.head_tracks(0, h) for h in heads}, precision, flex)
+    return model.to(device).eval()
+
+
+def profile_table(fn, rows: int = 30) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+
+
+def bench_torch(name, length, outputs, tensors, metadata, precision, flex, compile_mode, warmup, runs, profile=False):
+    configure_backends(precision)
+    model = build(tensors, metadata, outputs, precision, flex, "cuda")
+    fn = torch.compile(model, mode=compile_mode, dynamic=False) if compile_mode else model
+    x = torch.nn.functional.one_hot(torch.randint(0, 4, (1, length), device="cuda"), 4).float()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        first, times = timed(lambda: fn(x), warmup, runs)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        if profile:
+            print(profile_table(lambda: fn(x)), flush=True)
+    del model, fn, x
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"impl": name, "first_call_s": first, "ms": statistics.median(times), "ms_all": times, "peak_gib": peak}
+
+
+def bench_jax(length, outputs_name, params, state, metadata, warmup, runs):
+    import jax
+    import jax.numpy as jnp
+
+    from agpipe.model import jax_reference
+
+    means = {
+        h: np.stack([metadata.head_tracks(o, h).nonzero_mean for o in (0, 1)]) for h, s in HEADS.items() if s.kind == "tracks"
+    }
+    tissues = np.array([metadata.real_track_count(o, "splice_sites_junction") for o in (0, 1)])
+    wanted = {o.head for o in OUTPUT_SETS[outputs_name]}
+
+    def forward(p, s, x):
+        pred, _ = jax_reference.forward(p, s, x, jnp.zeros((1,), jnp.int32), track_means=means, junction_tissues=tissues, precision="bfloat16")
+        if outputs_name == "128":  # jit prunes everything the 128 bp track predictions do not need
+            return {h: pred[h]["predictions_128bp"] for h in wanted if HEADS[h].kind == "tracks"}
+        return pred
+
+    fn = jax.jit(forward)
+    p = jax.device_put(params)
+    s = jax.device_put(state)
+    x = jax.device_put(np.eye(4, dtype=np.float32)[np.random.default_rng(0).integers(0, 4, (1, length))])
+
+    def run():
+        jax.block_until_ready(fn(p, s, x))
+
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t0) * 1e3)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"impl": "jax-reference-bf16-jit", "first_call_s": first, "ms": statistics.median(times), "ms_all": times, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="524288:all,524288:128,1048576:all")
+    ap.add_argument("--impls", default="eager-f32,fast,jax")
+    ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="print the fast path's top CUDA kernels")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/model-<card>-<time>.json)")
+    args = ap.parse_args()
+
+    card = torch.cuda.get_device_name()
+    print(f"{card}, torch {torch.__version__}", flush=True)
+    ceiling = matmul_ceiling()
+    print(f"bf16 matmul ceiling: {ceiling:.0f} TFLOP/s", flush=True)
+    params, state = random_official_tree(OFFICIAL, seed=0)
+    tensors = official_to_ours(params, state, OFFICIAL)
+    metadata = synthetic_metadata(OFFICIAL)
+    impls = args.impls.split(",")
+    rows = []
+    for length, outputs_name in parse_cases(args.cases):
+        outputs = OUTPUT_SETS[outputs_name]
+        flops = count_flops(length, outputs, tensors, metadata)
+        case = {"length": length, "outputs": outputs_name, "tflop": flops / 1e12, "official_tflop": OFFICIAL_TFLOP.get((length, outputs_name))}
+        print(f"\n{length} bp, {outputs_name} outputs: {flops / 1e12:.2f} TFLOP", flush=True)
+        results = []
+        if "eager-f32" in impls:
+            results.append(bench_torch("eager-f32", length, outputs, tensors, metadata, FLOAT32, False, None, 1, 3))
+        if "eager-bf16" in impls:
+            results.append(bench_torch("eager-bf16-flex", length, outputs, tensors, metadata, BFLOAT16, True, None, args.warmup, args.runs))
+        if "fast" in impls:
+            results.append(bench_torch("fast-bf16-flex-compiled", length, outputs, tensors, metadata, BFLOAT16, True, args.compile_mode, args.warmup, args.runs, args.profile))
+        if "jax" in impls:
+            results.append(bench_jax(length, outputs_name, params, state, metadata, args.warmup, args.runs))
+        for r in results:
+            r.update(case)
+            r["tflops"] = flops / (r["ms"] / 1e3) / 1e12
+            r["pct_ceiling"] = 100 * r["tflops"] / ceiling
+            rows.append(r)
+            print(f"  {r['impl']:28s} {r['ms']:9.1f} ms  {r['tflops']:6.0f} TFLOP/s  {r['pct_ceiling']:5.1f}%  peak {r['peak_gib']:6.2f} GiB  first {r['first_call_s']:6.1f} s", flush=True)
+    print("\n| length | outputs | implementation | ms / window | TFLOP/s | % of ceiling | peak GiB | first call s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['length']:,} | {r['outputs']} | {r['impl']} | {r['ms']:.1f} | {r['tflops']:.0f} | {r['pct_ceiling']:.1f} | {r['peak_gib']:.2f} | {r['first_call_s']:.1f} |")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out or Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"model-{card.replace(' ', '_')}-{stamp}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"card": card, "torch": torch.__version__, "ceiling_tflops": ceiling, "compile_mode": args.compile_mode, "results": rows}, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
