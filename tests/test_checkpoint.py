@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import pickle
 import re
@@ -428,17 +427,10 @@ def test_orbax_checkpoint_of_something_else(tmp_path):
         read_orbax(tmp_path / "other")
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_orbax_checkpoint_with_its_data_gone(tmp_path):
-    import shutil
-
+def test_damaged_orbax_checkpoint(tmp_path):
     write_orbax(tmp_path / "checkpoint", *random_official_tree(SMALL, seed=15))
-    for path in (tmp_path / "checkpoint").iterdir():
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.name not in ("_CHECKPOINT_METADATA", "_METADATA"):
-            path.unlink()
-    with pytest.raises(CheckpointError, match=r"^cannot read Orbax checkpoint .*checkpoint: .*embed") as e:
+    (tmp_path / "checkpoint" / "manifest.ocdbt").write_bytes(b"damaged")
+    root = re.escape(str(tmp_path / "checkpoint"))
+    with pytest.raises(CheckpointError, match=f"^cannot read Orbax checkpoint {root}: .*manifest") as e:
         read_orbax(tmp_path / "checkpoint")
     assert "\n" not in str(e.value) and "tensorstore_spec" not in str(e.value)
-    gc.collect()  # orbax's abandoned restore complains here ("Event loop is closed"), not at exit
