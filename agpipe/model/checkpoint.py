@@ -72,11 +72,12 @@ def official_to_ours(params: Mapping, state: Mapping, cfg: ModelConfig) -> dict[
     flat = _flatten(params, state)
     for path in flat:
         if path not in spec:
-            raise CheckpointError(f"unexpected array {path} {tuple(np.shape(flat[path]))}: not in the official AlphaGenome tree")
+            found = f"{tuple(np.shape(flat[path]))} {np.dtype(flat[path].dtype)}"
+            raise CheckpointError(f"unexpected array {path}: expected nothing (not in the official AlphaGenome tree), found {found}")
     tensors = {}
     for path, (entry, shape) in spec.items():
         if path not in flat:
-            raise CheckpointError(f"missing array {path}: expected shape {shape} float32")
+            raise CheckpointError(f"missing array {path}: expected {shape} float32, found nothing")
         array = flat[path]
         if tuple(np.shape(array)) != shape:
             raise CheckpointError(f"shape mismatch at {path}: expected {shape}, found {tuple(np.shape(array))}")
@@ -158,9 +159,17 @@ def read_orbax(directory: str | os.PathLike) -> tuple[Tree, Tree]:
     try:
         tree = ocp.StandardCheckpointer().restore(root.absolute())
     except Exception as e:  # orbax raises many kinds; the user needs the folder and the reason
-        raise CheckpointError(f"cannot read Orbax checkpoint {root}: {str(e).splitlines()[0]}") from e
-    if not isinstance(tree, (list, tuple)) or len(tree) != 2:
-        raise CheckpointError(f"{root} is not an AlphaGenome checkpoint: expected a (params, state) pair")
+        reason = str(e).splitlines()[0].split(" [tensorstore_spec=")[0]  # not the store's whole JSON spec
+        raise CheckpointError(f"cannot read Orbax checkpoint {root}: {reason}") from e
+
+    def is_tree(t) -> bool:  # Haiku's {'module/path': {'name': array}}
+        return isinstance(t, Mapping) and all(
+            isinstance(arrays, Mapping) and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in arrays.values())
+            for arrays in t.values()
+        )
+
+    if not isinstance(tree, (list, tuple)) or len(tree) != 2 or not all(is_tree(t) for t in tree):
+        raise CheckpointError(f"{root} is not an AlphaGenome checkpoint: expected a (params, state) pair of {{module: {{name: array}}}}")
     params, state = ({m: {n: np.asarray(a) for n, a in arrays.items()} for m, arrays in t.items()} for t in tree)
     return params, state
 
@@ -206,10 +215,27 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _write_safetensors(file, tensors: Mapping[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """The safetensors layout (8-byte header length, JSON header, raw little-endian data), written
+    with sorted keys so that the same weights always give the same bytes: the safetensors library
+    orders the header's metadata differently from one call to the next."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for key in sorted(tensors):
+        array = tensors[key]
+        if array.dtype != np.float32:
+            raise CheckpointError(f"cannot save weights: {key} is {array.dtype}, expected float32")
+        header[key] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    file.write(len(text).to_bytes(8, "little") + text)
+    for key in sorted(tensors):
+        file.write(np.ascontiguousarray(tensors[key], dtype="<f4").tobytes())
+
+
 def save_weights(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], cfg: ModelConfig, metadata_json: str) -> None:
     """Writes our weights file atomically (temporary name in the same folder, then rename)."""
-    from safetensors.numpy import save_file
-
     path = Path(path)
     expected = our_shapes(cfg)
     missing = sorted(set(expected) - set(tensors))
@@ -218,9 +244,9 @@ def save_weights(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], cfg
     header = {"format": FORMAT, "config": config_to_json(cfg), "tracks": metadata_json}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    os.close(fd)
     try:
-        save_file({k: np.ascontiguousarray(tensors[k]) for k in expected}, tmp, metadata=header)
+        with os.fdopen(fd, "wb") as f:
+            _write_safetensors(f, {k: np.asarray(tensors[k]) for k in expected}, header)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -234,26 +260,34 @@ def load_weights(path: str | os.PathLike) -> WeightsFile:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
+    not_ours = f"{path} is not an agpipe weights file"
+    how = "write one with `agpipe convert` or `agpipe weights download`"
     try:
         with safe_open(str(path), framework="numpy") as f:
             header = f.metadata() or {}
             if header.get("format") != FORMAT:
-                raise CheckpointError(f"{path} is not an agpipe weights file: convert an official checkpoint with `agpipe convert`")
+                raise CheckpointError(f"{not_ours} (no {FORMAT} header): {how}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from e
-    cfg = config_from_json(header["config"])
+        raise CheckpointError(f"{not_ours} (not readable as safetensors: {str(e).splitlines()[0]}): {how}") from e
+    try:
+        cfg = config_from_json(header["config"])
+        metadata_json = header["tracks"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"weights file {path} has a damaged header ({type(e).__name__}: {e}): {how}") from None
     expected = our_shapes(cfg)
     for key, shape in expected.items():
         if key not in tensors:
-            raise CheckpointError(f"weights file {path} lacks tensor {key}")
+            raise CheckpointError(f"weights file {path}: missing tensor {key}, expected {shape} float32")
         if shape == () and tensors[key].shape == (1,):
-            tensors[key] = tensors[key].reshape(())  # safetensors stores scalars as (1,)
+            tensors[key] = tensors[key].reshape(())  # earlier agpipe versions wrote scalars as (1,)
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"weights file {path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+        if tensors[key].dtype != np.float32:
+            raise CheckpointError(f"weights file {path}: {key} has dtype {tensors[key].dtype}, expected float32")
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise CheckpointError(f"weights file {path} has unexpected tensor {extra[0]}")
-    return WeightsFile(path, cfg, tensors, header["tracks"], file_sha256(path))
+        raise CheckpointError(f"weights file {path}: unexpected tensor {extra[0]} {tuple(tensors[extra[0]].shape)}, expected none")
+    return WeightsFile(path, cfg, tensors, metadata_json, file_sha256(path))

@@ -50,6 +50,11 @@ class WeightsError(ValueError):
     """Weights that cannot be found, fetched or used (one-line message saying what to do)."""
 
 
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (1, ON, YES, TRUE in any case)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def agpipe_home() -> Path:
     return Path(os.environ.get("AGPIPE_HOME", Path.home() / ".cache" / "agpipe"))
 
@@ -117,7 +122,7 @@ def official_metadata_dir(fetch: bool = True) -> Path:
         path = directory / name
         if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
             continue
-        if not fetch or os.environ.get("HF_HUB_OFFLINE") == "1":
+        if not fetch or _offline():
             raise WeightsError(f"official track metadata not in {directory}: pass --metadata DIR (the official textproto files)")
         try:
             with urllib.request.urlopen(METADATA_URL.format(name=name), timeout=60) as response:
@@ -167,10 +172,15 @@ def download_weights(repo: str, revision: str | None, name: str, metadata_dir: s
             f"{repo} is gated: accept the AlphaGenome model terms at https://huggingface.co/{repo} "
             "with your account, then set HF_TOKEN or run `hf auth login`"
         ) from None
-    except errors.RepositoryNotFoundError:
-        raise WeightsError(f"{repo} not found or not visible to your token (set HF_TOKEN or run `hf auth login`)") from None
-    except errors.LocalEntryNotFoundError:
-        raise WeightsError(f"{repo} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it once online") from None
+    except errors.RepositoryNotFoundError:  # also what a gated repo answers to a request without a token
+        raise WeightsError(
+            f"{repo} not found or not visible to you: check the name, accept the model terms at "
+            f"https://huggingface.co/{repo}, then set HF_TOKEN or run `hf auth login`"
+        ) from None
+    except errors.LocalEntryNotFoundError:  # offline, or the Hub unreachable, and nothing cached
+        if _offline():
+            raise WeightsError(f"{repo} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: unset it to download") from None
+        raise WeightsError(f"cannot reach the Hugging Face Hub for {repo} and it is not in the local cache: check your connection") from None
     except errors.HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
         if status in (401, 403):
