@@ -20,6 +20,7 @@ from torch import nn
 
 from agpipe.model.config import HEADS, ModelConfig, Output
 from agpipe.model.heads import (
+    FusedLinear,
     JunctionHead,
     JunctionPredictions,
     MultiOrganismLinear,
@@ -125,6 +126,14 @@ class AlphaGenome(nn.Module):
                 head.register_buffer("keep", real_channels(tracks[name].padding))
             else:
                 head.select_(organism, real_channels(tracks[name].padding))
+        self.fused = nn.ModuleDict()
+        for r in sorted({o.resolution for o in self.outputs if HEADS[o.head].kind in ("tracks", "splice_usage")}):
+            linears = {
+                o.head: self.heads[o.head][f"res_{r}"].linear if HEADS[o.head].kind == "tracks" else self.heads[o.head]
+                for o in self.outputs
+                if o.resolution == r and HEADS[o.head].kind in ("tracks", "splice_usage")
+            }
+            self.fused[f"res_{r}"] = FusedLinear(linears)
         for module in self.modules():
             if isinstance(module, OrganismEmbedding):
                 module.select_(organism)
@@ -140,12 +149,10 @@ class AlphaGenome(nn.Module):
 
     def embed(self, one_hot: torch.Tensor) -> Embeddings:
         """(B, S, 4) one-hot -> the embeddings the prepared outputs need."""
-        x = one_hot.to(self.precision.compute).transpose(1, 2)
-        trunk, skips = self.encoder(x, keep_skips=self.need_1bp)
-        trunk = trunk.transpose(1, 2) + self.organism.vector
-        trunk, pair = self.tower(trunk)
+        trunk, skips = self.encoder(one_hot.to(self.precision.compute), keep_skips=self.need_1bp)
+        trunk, pair = self.tower(trunk + self.organism.vector)
         e128 = self.embed128(trunk) if self.need_128 else None
-        e1 = self.embed1(self.decoder(trunk.transpose(1, 2), skips), e128) if self.need_1bp else None
+        e1 = self.embed1(self.decoder(trunk, skips), e128) if self.need_1bp else None
         return Embeddings(e1, e128, self.embed_pair(pair) if self.need_pair else None)
 
     def forward(
@@ -168,11 +175,12 @@ class AlphaGenome(nn.Module):
         probs = None
         if "splice_sites_classification" in self.heads:
             probs = torch.softmax(self.heads["splice_sites_classification"](full_e1), dim=-1)
+        logits = {r: fused(emb.e1 if r == "res_1" else emb.e128) for r, fused in self.fused.items()}
         for o in self.outputs:
             head = self.heads[o.head]
             kind = HEADS[o.head].kind
             if kind == "tracks":
-                x = head[f"res_{o.resolution}"](emb.e1 if o.resolution == 1 else emb.e128)
+                x = head[f"res_{o.resolution}"].activate(logits[f"res_{o.resolution}"][o.head])
                 out[o] = x if scaled else to_data_space(x, head.means, o.resolution, HEADS[o.head].squash)
             elif kind == "contact_maps":
                 out[o] = head(emb.pair)
@@ -180,7 +188,7 @@ class AlphaGenome(nn.Module):
                 window_probs = probs if keep is None else probs[:, keep[0] : keep[1]]
                 out[o] = window_probs[..., self.heads["splice_sites_classification"].keep]
             elif kind == "splice_usage":
-                out[o] = torch.sigmoid(head(emb.e1))
+                out[o] = torch.sigmoid(logits["res_1"][o.head])
             else:
                 positions = top_splice_sites(probs, self.cfg.num_splice_sites, self.cfg.splice_site_threshold)
                 junctions = head(full_e1, positions)

@@ -17,7 +17,7 @@ from torch import nn
 
 from agpipe.model.config import ModelConfig
 from agpipe.model.kernels import matmul_f32_out
-from agpipe.model.layers import LayerNorm, Linear, RMSBatchNorm, rope, sigmoid_gelu
+from agpipe.model.layers import LayerNorm, Linear, RMSBatchNorm, rope, rope_buffer, sigmoid_gelu
 
 SOFT_CLIP = 10.0
 
@@ -64,8 +64,8 @@ class OutputEmbedder1(nn.Module):
         self.organism = OrganismEmbedding(2, cfg.embed_1_channels)
 
     def forward(self, decoded: torch.Tensor, emb128: torch.Tensor) -> torch.Tensor:
-        """decoded: (B, C, S) from the decoder; emb128: (B, S/128, 2D)."""
-        x = torch.einsum("bcs,cd->bsd", decoded, self.linear.w) + self.linear.b
+        """decoded: (B, S, C) from the decoder; emb128: (B, S/128, 2D)."""
+        x = self.linear(decoded)
         skip = self.skip(emb128)
         x = x + skip.repeat_interleave(x.shape[1] // skip.shape[1], dim=1)
         return sigmoid_gelu(self.norm(x) + self.organism.vector)
@@ -84,6 +84,11 @@ class OutputPair(nn.Module):
         return sigmoid_gelu(self.norm(x) + self.organism.vector)
 
 
+def pad_columns(w: torch.Tensor, multiple: int = 64) -> torch.Tensor:
+    """Zero columns up to a multiple of 64: cuBLAS falls back to slow kernels for odd widths."""
+    return torch.nn.functional.pad(w, (0, (-w.shape[-1]) % multiple))
+
+
 class MultiOrganismLinear(nn.Module):
     """Organism-specific linear layer; after `select_`, only one organism's chosen channels remain."""
 
@@ -96,12 +101,38 @@ class MultiOrganismLinear(nn.Module):
         w, b = self.w[organism], self.b[organism]
         if channels is not None:
             w, b = w[:, channels], b[channels]
-        self.weight = nn.Parameter(w.contiguous(), requires_grad=False)
-        self.bias = nn.Parameter(b.contiguous(), requires_grad=False)
+        self.width = w.shape[1]
+        self.weight = nn.Parameter(pad_columns(w).contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(pad_columns(b).contiguous(), requires_grad=False)
         del self.w, self.b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul_f32_out(x, self.weight) + self.bias.float()
+        return (matmul_f32_out(x, self.weight) + self.bias.float())[..., : self.width]
+
+
+class FusedLinear(nn.Module):
+    """The selected linear layers of every head that reads one embedding, run as one GEMM.
+
+    Takes over the weights of the given MultiOrganismLinear layers (already `select_`ed); returns
+    each head's float32 logits as a view of the one result.
+    """
+
+    def __init__(self, linears: dict[str, MultiOrganismLinear]):
+        super().__init__()
+        self.slices: dict[str, tuple[int, int]] = {}
+        weights, biases, start = [], [], 0
+        for name, linear in linears.items():
+            self.slices[name] = (start, start + linear.width)
+            start += linear.width
+            weights.append(linear.weight[:, : linear.width])
+            biases.append(linear.bias[: linear.width])
+            del linear.weight, linear.bias
+        self.weight = nn.Parameter(pad_columns(torch.cat(weights, dim=1)).contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(pad_columns(torch.cat(biases)).contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = matmul_f32_out(x, self.weight) + self.bias.float()
+        return {name: y[..., a:b] for name, (a, b) in self.slices.items()}
 
 
 class TrackHead(nn.Module):
@@ -117,8 +148,9 @@ class TrackHead(nn.Module):
         self.scale = nn.Parameter(self.learnt_scale[organism, channels].contiguous(), requires_grad=False)
         del self.learnt_scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.softplus(self.linear(x)) * F.softplus(self.scale.float())
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Model-space predictions from this head's linear output (computed by a FusedLinear)."""
+        return F.softplus(logits) * F.softplus(self.scale.float())
 
 
 @dataclasses.dataclass
@@ -156,7 +188,7 @@ class JunctionHead(nn.Module):
         super().__init__()
         self.tissues = cfg.channels("splice_sites_junction")
         self.d = cfg.junction_dim
-        self.max_position = cfg.junction_rope_max_position
+        self.register_buffer("inv_freq", rope_buffer(cfg.junction_dim, cfg.junction_rope_max_position), persistent=False)
         self.linear = MultiOrganismLinear(cfg.embed_1_channels, self.d)
         n = 2 * self.tissues * self.d
         self.pos_acceptor = nn.Parameter(torch.zeros(2, n), requires_grad=False)
@@ -177,7 +209,7 @@ class JunctionHead(nn.Module):
         scale, offset = table.float()[0], table.float()[1]
         x = scale * sites[:, :, None, :] + offset
         # The official donor x acceptor einsum takes bf16 operands (BF16_BF16_F32) under the bf16 policy.
-        return rope(x, idx.to(torch.float32), self.max_position).to(table.dtype).float()
+        return rope(x, idx.to(torch.float32), self.inv_freq).to(table.dtype).float()
 
     def forward(self, emb1: torch.Tensor, positions: torch.Tensor) -> JunctionPredictions:
         b = emb1.shape[0]

@@ -5,8 +5,8 @@ Every module holds its parameters under the names our weights file uses (raw, as
 RMSBatchNorm's scale * rsqrt(var_ema + eps)), computed op for op in the policy's dtype as the official
 model computes them at every call (under the bf16 policy these folds are where most of its rounding
 happens, so we round the same way); `forward` reads only the folded form. Elementwise steps keep the
-official order of roundings (x * inv, then + offset). Activations are (B, S, C) except inside the
-convolutional encoder and decoder, which run (B, C, S).
+official order of roundings (x * inv, then + offset). Activations are (B, S, C) everywhere;
+convolutions read them as channels-last NCHW views (no transposes, cuDNN's NHWC kernels).
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
 class RMSBatchNorm(nn.Module):
     """Inference RMSBatchNorm over the channel axis: x * scale * rsqrt(var_ema + eps) + offset."""
 
-    def __init__(self, channels: int, channel_dim: int = -1):
+    def __init__(self, channels: int):
         super().__init__()
-        self.channel_dim = channel_dim
         self.scale = nn.Parameter(torch.ones(channels), requires_grad=False)
         self.offset = nn.Parameter(torch.zeros(channels), requires_grad=False)
         self.register_buffer("var_ema", torch.ones(channels))
@@ -51,13 +50,8 @@ class RMSBatchNorm(nn.Module):
         self.inv = nn.Parameter(inv, requires_grad=False)
         del self.scale, self.var_ema
 
-    def _shape(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        if self.channel_dim == -1:
-            return t
-        return t.view(-1, *([1] * (ndim - 2)))  # (C, 1, ...) for a (B, C, S...) tensor
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self._shape(self.inv, x.ndim) + self._shape(self.offset, x.ndim)
+        return x * self.inv + self.offset
 
 
 class LayerNorm(nn.Module):
@@ -91,7 +85,7 @@ class Linear(nn.Module):
 
 
 class StandardizedConv(nn.Module):
-    """Conv1D with scaled weight standardization (folded at load) and SAME padding on (B, C, S)."""
+    """Conv1D with scaled weight standardization (folded at load) and SAME padding on (B, S, C)."""
 
     def __init__(self, d_in: int, d_out: int, width: int):
         super().__init__()
@@ -107,35 +101,47 @@ class StandardizedConv(nn.Module):
         var = (wf - wf.mean(dim=(0, 1), keepdim=True)).square().mean(dim=(0, 1), keepdim=True).to(dtype)
         fan_in = w.shape[0] * w.shape[1]
         scale = self.scale.to(dtype) * in_f32(torch.rsqrt, torch.clamp(fan_in * var, min=1e-4))
-        self.weight = nn.Parameter((w * scale).permute(2, 1, 0).contiguous(), requires_grad=False)  # (out, in, width)
+        self.weight = nn.Parameter(conv_weight(w * scale), requires_grad=False)
         del self.w, self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv1d(x, self.weight, padding=self.width // 2) + self.bias[:, None]
+        return conv_bsc(x, self.weight) + self.bias
 
 
 class ConvBlock(nn.Module):
-    """RMSBatchNorm -> sigmoid GELU -> standardized conv (width > 1) or pointwise linear, on (B, C, S)."""
+    """RMSBatchNorm -> sigmoid GELU -> standardized conv (width > 1) or pointwise linear."""
 
     def __init__(self, d_in: int, d_out: int, width: int):
         super().__init__()
-        self.norm = RMSBatchNorm(d_in, channel_dim=1)
+        self.norm = RMSBatchNorm(d_in)
         self.conv = StandardizedConv(d_in, d_out, width) if width > 1 else Linear(d_in, d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = sigmoid_gelu(self.norm(x))
-        if isinstance(self.conv, Linear):
-            return torch.einsum("bcs,cd->bds", h, self.conv.w) + self.conv.b[:, None]
-        return self.conv(h)
+        return self.conv(sigmoid_gelu(self.norm(x)))
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, max_position: int) -> torch.Tensor:
+def conv_weight(w: torch.Tensor) -> torch.Tensor:
+    """(width, in, out) official layout -> (out, in, 1, width) channels-last conv2d weight."""
+    return w.permute(2, 1, 0)[:, :, None, :].contiguous(memory_format=torch.channels_last)
+
+
+def conv_bsc(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SAME-padded 1D convolution of a (B, S, C) tensor, as conv2d on its channels-last NCHW view."""
+    y = F.conv2d(x.permute(0, 2, 1)[:, :, None, :], weight, padding=(0, weight.shape[-1] // 2))
+    return y[:, :, 0, :].permute(0, 2, 1)
+
+
+def rope_buffer(dim: int, max_position: int) -> torch.Tensor:
+    return torch.from_numpy(rope_frequencies(dim // 2, max_position))
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotary embedding over the last axis, rotating interleaved (even, odd) pairs.
 
-    x: (B, S, H, C); positions: (B, S) or (S,), in x's dtype (as the official model computes it,
-    so positions are rounded to bfloat16 under the bf16 policy).
+    x: (B, S, H, C); positions: (B, S) or (S,), taken in x's dtype (as the official model computes
+    it, so positions are rounded to bfloat16 under the bf16 policy); inv_freq from `rope_buffer`.
     """
-    inv_freq = torch.from_numpy(rope_frequencies(x.shape[-1] // 2, max_position)).to(device=x.device, dtype=x.dtype)
+    inv_freq = inv_freq.to(x.dtype)
     theta = positions.to(x.dtype)[..., None] * inv_freq  # (B, S, F) or (S, F)
     theta = theta.repeat_interleave(2, dim=-1)
     theta = theta[..., None, :] if theta.ndim == 3 else theta[None, :, None, :]

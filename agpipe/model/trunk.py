@@ -16,6 +16,7 @@ from agpipe.model.layers import (
     Linear,
     RMSBatchNorm,
     rope,
+    rope_buffer,
     tanh_gelu,
 )
 
@@ -29,12 +30,23 @@ class DnaEmbedder(nn.Module):
         self.block = ConvBlock(c, c, cfg.conv_kernel)
 
     def fold_(self, dtype: torch.dtype) -> None:
-        self.weight = nn.Parameter(self.conv_w.to(dtype).permute(2, 1, 0).contiguous(), requires_grad=False)
+        width, d_in, d_out = self.conv_w.shape
+        self.weight = nn.Parameter(self.conv_w.to(dtype).reshape(width * d_in, d_out), requires_grad=False)
         del self.conv_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv1d(x, self.weight, padding=self.weight.shape[-1] // 2) + self.conv_b[:, None]
+        # 4 input channels are too few for a convolution kernel to use tensor cores: gather each
+        # position's 15-base window (60 values) and run one GEMM instead.
+        width = self.weight.shape[0] // x.shape[-1]
+        windows = F.pad(x, (0, 0, width // 2, width // 2)).unfold(1, width, 1)  # (B, S, 4, width)
+        x = windows.transpose(2, 3).reshape(*x.shape[:2], -1) @ self.weight + self.conv_b
         return x + self.block(x)
+
+
+def max_pool2(x: torch.Tensor) -> torch.Tensor:
+    """Max over pairs of positions of a (B, S, C) tensor."""
+    b, s, c = x.shape
+    return x.view(b, s // 2, 2, c).amax(dim=2)
 
 
 class DownResBlock(nn.Module):
@@ -45,12 +57,12 @@ class DownResBlock(nn.Module):
         self.block2 = ConvBlock(c_out, c_out, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block1(x) + F.pad(x, (0, 0, 0, self.extra))
+        out = self.block1(x) + F.pad(x, (0, self.extra))
         return out + self.block2(out)
 
 
 class Encoder(nn.Module):
-    """(B, 4, S) one-hot -> (B, C, S/128) trunk and the skips at 1, 2, ..., 64 bp."""
+    """(B, S, 4) one-hot -> (B, S/128, C) trunk and the skips at 1, 2, ..., 64 bp."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -64,10 +76,10 @@ class Encoder(nn.Module):
         for block in self.down:
             if keep_skips:
                 skips.append(x)
-            x = block(F.max_pool1d(x, 2))
+            x = block(max_pool2(x))
         if keep_skips:
             skips.append(x)
-        return F.max_pool1d(x, 2), skips
+        return max_pool2(x), skips
 
 
 class UpResBlock(nn.Module):
@@ -79,15 +91,15 @@ class UpResBlock(nn.Module):
         self.residual_scale = nn.Parameter(torch.ones(()), requires_grad=False)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        c = skip.shape[1]
-        out = self.conv_in(x) + x[:, :c]
-        out = out.repeat_interleave(2, dim=-1) * self.residual_scale
+        c = skip.shape[-1]
+        out = self.conv_in(x) + x[..., :c]
+        out = out.repeat_interleave(2, dim=1) * self.residual_scale
         out = out + self.skip(skip)
         return out + self.conv_out(out)
 
 
 class Decoder(nn.Module):
-    """128 bp trunk (B, C, S/128) -> 1 bp (B, 768, S) through the encoder's skips."""
+    """128 bp trunk (B, S/128, C) -> 1 bp (B, S, 768) through the encoder's skips."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -118,7 +130,7 @@ class MHABlock(nn.Module):
         super().__init__()
         d, self.h, self.dk, self.dv = cfg.trunk_channels, cfg.num_heads, cfg.qk_dim, cfg.v_dim
         self.soft_cap = cfg.soft_cap
-        self.rope_max = cfg.rope_max_position
+        self.register_buffer("inv_freq", rope_buffer(cfg.qk_dim, cfg.rope_max_position), persistent=False)
         self.norm = RMSBatchNorm(d)
         self.q = Linear(d, self.h * self.dk, bias=False)
         self.k = Linear(d, self.dk, bias=False)
@@ -147,8 +159,8 @@ class MHABlock(nn.Module):
         b, s, _ = x.shape
         h = self.norm(x)
         positions = torch.arange(s, device=x.device)
-        q = rope(self.norm_q(self.q(h).view(b, s, self.h, self.dk)), positions, self.rope_max)
-        k = rope(self.norm_k(self.k(h).view(b, s, 1, self.dk)), positions, self.rope_max)
+        q = rope(self.norm_q(self.q(h).view(b, s, self.h, self.dk)), positions, self.inv_freq)
+        k = rope(self.norm_k(self.k(h).view(b, s, 1, self.dk)), positions, self.inv_freq)
         v = self.norm_v(self.v(h).view(b, s, 1, self.dv))
         y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias)
         y = y.transpose(1, 2).reshape(b, s, self.h * self.dv)
@@ -179,9 +191,8 @@ class AttentionBiasBlock(nn.Module):
         return self.proj(tanh_gelu(self.norm(pair))).permute(0, 3, 1, 2).float()
 
 
-def central_mask_features(distances: torch.Tensor, feature_size: int, seq_length: int) -> torch.Tensor:
+def central_mask_features(distances: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     """Exponentially spaced central-mask features of |relative position| (float32)."""
-    widths = torch.from_numpy(central_mask_widths(feature_size, seq_length)).to(distances.device)
     return (widths > distances[..., None]).float()
 
 
@@ -198,8 +209,8 @@ class SequenceToPair(nn.Module):
         super().__init__()
         d, self.h, self.c, f = cfg.trunk_channels, cfg.seq2pair_heads, cfg.seq2pair_head_dim, cfg.pair_dim
         self.pool = cfg.pair_pool
-        self.pos_features = cfg.pos_features
-        self.pos_seq_length = cfg.rope_max_position // cfg.pair_pool
+        widths = central_mask_widths(cfg.pos_features, cfg.rope_max_position // cfg.pair_pool)
+        self.register_buffer("mask_widths", torch.from_numpy(widths), persistent=False)
         self.norm = LayerNorm(d, rms=True)
         self.q = Linear(d, self.h * self.c, bias=False)
         self.k = Linear(d, self.h * self.c, bias=False)
@@ -217,7 +228,7 @@ class SequenceToPair(nn.Module):
         q = self.q(x).view(b, p, self.h, self.c)
         k = self.k(x).view(b, p, self.h, self.c)
         rel = torch.arange(-p, p, device=x.device, dtype=torch.float32)
-        feats = central_mask_features(rel.abs(), self.pos_features, self.pos_seq_length)
+        feats = central_mask_features(rel.abs(), self.mask_widths)
         feats = torch.cat([feats, torch.sign(rel)[:, None] * feats], dim=-1).to(x.dtype)
         pos = self.pos(feats).view(2 * p, self.h, self.c)
         rel_q = relative_shift(torch.einsum("bqhc,phc->bhqp", q + self.q_r_bias, pos))
