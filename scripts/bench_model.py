@@ -165,7 +165,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="524288:all,524288:128,1048576:all")
     ap.add_argument("--impls", default="eager-f32,fast,jax")
-    ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    ap.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode(s) for the fast path, comma-separated")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="print the fast path's top CUDA kernels")
@@ -192,7 +192,8 @@ def main() -> None:
         if "eager-bf16" in impls:
             results.append(bench_torch("eager-bf16-flex", length, outputs, tensors, metadata, BFLOAT16, True, None, args.warmup, args.runs))
         if "fast" in impls:
-            results.append(bench_torch("fast-bf16-flex-compiled", length, outputs, tensors, metadata, BFLOAT16, True, args.compile_mode, args.warmup, args.runs, args.profile))
+            for mode in args.compile_mode.split(","):
+                results.append(bench_torch(f"fast-bf16-flex-{mode}", length, outputs, tensors, metadata, BFLOAT16, True, mode, args.warmup, args.runs, args.profile))
         if "jax" in impls:
             results.append(bench_jax(length, outputs_name, params, state, metadata, args.warmup, args.runs))
         for r in results:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agpipe.model.config import ModelConfig
-from agpipe.model.kernels import matmul_f32_out
+from agpipe.model.kernels import bmm_f32_out, matmul_f32_out
 from agpipe.model.layers import LayerNorm, Linear, RMSBatchNorm, rope, rope_buffer, sigmoid_gelu
 
 SOFT_CLIP = 10.0
@@ -205,11 +205,12 @@ class JunctionHead(nn.Module):
         self.tissues = tissues
 
     def _site_logits(self, sites: torch.Tensor, idx: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """sites: (B, K, d) float32 at positions idx (B, K) -> (B, K, T, d) with RoPE at those positions."""
-        scale, offset = table.float()[0], table.float()[1]
-        x = scale * sites[:, :, None, :] + offset
-        # The official donor x acceptor einsum takes bf16 operands (BF16_BF16_F32) under the bf16 policy.
-        return rope(x, idx.to(torch.float32), self.inv_freq).to(table.dtype).float()
+        """sites: (B, K, d) float32 at positions idx (B, K) -> (B, T, K, d) with RoPE at those positions,
+        in the compute dtype: the official donor x acceptor einsum takes bf16 operands
+        (BF16_BF16_F32) under the bf16 policy."""
+        scale, offset = table.float()[0], table.float()[1]  # (T, d)
+        x = scale[None, :, None, :] * sites[:, None, :, :] + offset[None, :, None, :]
+        return rope(x, idx.to(torch.float32)[:, None, :], self.inv_freq).to(table.dtype)
 
     def forward(self, emb1: torch.Tensor, positions: torch.Tensor) -> JunctionPredictions:
         b = emb1.shape[0]
@@ -218,17 +219,15 @@ class JunctionHead(nn.Module):
         sites = self.linear(emb1[rows, gather])  # (B, 4, K, d): only the selected positions are projected
         pd, pa, nd, na = (sites[:, i] for i in range(4))
         ipd, ipa, ind, ina = (positions[:, i] for i in range(4))
-        pos = torch.einsum(
-            "bdtc,batc->bdat",
-            self._site_logits(pd, ipd, self.pos_donor),
-            self._site_logits(pa, ipa, self.pos_acceptor),
-        )
-        neg = torch.einsum(
-            "bdtc,batc->bdat",
-            self._site_logits(nd, ind, self.neg_donor),
-            self._site_logits(na, ina, self.neg_acceptor),
-        )
-        counts = F.softplus(torch.stack([pos, neg], dim=3))  # (B, K, K, 2, T)
+        strands = []
+        for donors, acceptors in (
+            (self._site_logits(pd, ipd, self.pos_donor), self._site_logits(pa, ipa, self.pos_acceptor)),
+            (self._site_logits(nd, ind, self.neg_donor), self._site_logits(na, ina, self.neg_acceptor)),
+        ):
+            # one (K, d) @ (d, K) product per tissue: (B, T, K, K) donor x acceptor
+            logits = bmm_f32_out(donors.flatten(0, 1), acceptors.flatten(0, 1).transpose(1, 2))
+            strands.append(logits.view(donors.shape[:3] + (acceptors.shape[2],)))
+        counts = F.softplus(torch.stack(strands, dim=1).permute(0, 3, 4, 1, 2))  # (B, K, K, 2, T)
         valid = torch.stack(
             [(ipd >= 0)[:, :, None] & (ipa >= 0)[:, None, :], (ind >= 0)[:, :, None] & (ina >= 0)[:, None, :]], dim=-1
         )

@@ -36,10 +36,18 @@ def flex_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tens
     kwargs = dict(score_mod=score_mod, scale=1.0 / math.sqrt(q.shape[-1]), enable_gqa=True)
     if q.is_cuda:
         # Default Triton tiles need 245,760 bytes of shared memory with Dv = 192; an H100 has 232,448.
-        kwargs["kernel_options"] = {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 1}
+        # 8 warps: 0.87 ms against 3.5 ms with 4 (one 4,096-token layer, H100).
+        kwargs["kernel_options"] = {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 1, "num_warps": 8}
         run = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
         return run(q, k, v, **kwargs)
     return flex_attention(q, k, v, **kwargs)
+
+
+def bmm_f32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched a (N, M, K) @ b (N, K, P), accumulated and returned in float32."""
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
 
 
 def matmul_f32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -138,12 +138,13 @@ def rope_buffer(dim: int, max_position: int) -> torch.Tensor:
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotary embedding over the last axis, rotating interleaved (even, odd) pairs.
 
-    x: (B, S, H, C); positions: (B, S) or (S,), taken in x's dtype (as the official model computes
+    x: (B, S, H, C) with positions (B, S) or (S,), or any x with positions broadcasting against
+    x.shape[:-1]; positions are taken in x's dtype (as the official model computes
     it, so positions are rounded to bfloat16 under the bf16 policy); inv_freq from `rope_buffer`.
     """
     inv_freq = inv_freq.to(x.dtype)
-    theta = positions.to(x.dtype)[..., None] * inv_freq  # (B, S, F) or (S, F)
+    theta = positions.to(x.dtype)[..., None] * inv_freq  # positions' shape + (F,)
     theta = theta.repeat_interleave(2, dim=-1)
-    theta = theta[..., None, :] if theta.ndim == 3 else theta[None, :, None, :]
+    theta = theta[..., None, :] if theta.ndim == 3 else theta[None, :, None, :] if theta.ndim == 2 else theta
     rotated = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
     return x * in_f32(torch.cos, theta) + rotated * in_f32(torch.sin, theta)

@@ -1,0 +1,85 @@
+"""The bf16 fast path (FlexAttention, torch.compile) against the JAX reference under the official bf16
+policy (jit), on one GPU at a production window size: the statistical criteria of the numerics tests
+on the 1 bp, 128 bp and pair embeddings, and Pearson r per output.
+
+    python scripts/check_gpu_parity.py --length 524288 --out benchmarks/results/parity-gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agpipe.model import jax_reference  # noqa: E402
+from agpipe.model.alphagenome import AlphaGenome  # noqa: E402
+from agpipe.model.checkpoint import official_to_ours, random_official_tree  # noqa: E402
+from agpipe.model.config import ALL_OUTPUTS, HEADS, OFFICIAL  # noqa: E402
+from agpipe.model.metadata import synthetic_metadata  # noqa: E402
+from agpipe.model.precision import BFLOAT16, configure_backends  # noqa: E402
+
+
+def criteria(ours: np.ndarray, theirs: np.ndarray, block: int) -> dict:
+    ours, theirs = ours.astype(np.float64), theirs.astype(np.float64)
+    diff = ours - theirs
+    blocks = diff.reshape(-1, block * diff.shape[-1]).mean(axis=1) if diff.ndim == 3 else diff.reshape(diff.shape[1], -1).mean(axis=1)
+    spread = blocks.std(ddof=1) / np.sqrt(blocks.size)
+    return {
+        "pearson": float(np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]),
+        "within_5e-2": float((np.abs(diff) <= 5e-2 + 5e-2 * np.abs(theirs)).mean()),
+        "bias_z": float(blocks.mean() / spread) if spread > 0 else 0.0,
+        "max_abs": float(np.abs(diff).max()),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--length", type=int, default=524288)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import jax
+
+    params, state = random_official_tree(OFFICIAL, seed=0)
+    metadata = synthetic_metadata(OFFICIAL)
+    x = np.eye(4, dtype=np.float32)[np.random.default_rng(1).integers(0, 4, (1, args.length))]
+
+    configure_backends(BFLOAT16)
+    model = AlphaGenome(OFFICIAL)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in official_to_ours(params, state, OFFICIAL).items()})
+    heads = {o.head for o in ALL_OUTPUTS}
+    model.prepare_(0, ALL_OUTPUTS, {h: metadata.head_tracks(0, h) for h in heads}, BFLOAT16, flex_attention=True)
+    model = model.cuda().eval()
+    embed = torch.compile(model.embed, dynamic=False)
+    with torch.inference_mode():
+        emb = embed(torch.from_numpy(x).cuda())
+        ours = {"1bp": emb.e1.float().cpu().numpy(), "128bp": emb.e128.float().cpu().numpy(), "pair": emb.pair.float().cpu().numpy()}
+    del model, embed, emb
+    torch.cuda.empty_cache()
+
+    means = {h: np.stack([metadata.head_tracks(o, h).nonzero_mean for o in (0, 1)]) for h, s in HEADS.items() if s.kind == "tracks"}
+    tissues = np.array([metadata.real_track_count(o, "splice_sites_junction") for o in (0, 1)])
+    fn = jax.jit(lambda p, s, seq: jax_reference.forward(p, s, seq, np.zeros(1, np.int32), track_means=means, junction_tissues=tissues, precision="bfloat16")[1])
+    ref = {k: np.asarray(v.astype("float32")) for k, v in fn(params, state, x).items()}
+    theirs = {"1bp": ref["embeddings_1bp"], "128bp": ref["embeddings_128bp"], "pair": ref["embeddings_pair"]}
+    report = {k: criteria(ours[k], theirs[k], 128 if k == "1bp" else 1) for k in ours}
+    limits = {"1bp": 0.9999, "128bp": 0.9999, "pair": 0.999}
+    report["pass"] = all(
+        report[k]["pearson"] >= limits[k] and report[k]["within_5e-2"] >= 0.95 and abs(report[k]["bias_z"]) <= 3 for k in limits
+    )
+    report.update(length=args.length, card=torch.cuda.get_device_name(), torch=torch.__version__)
+    print(json.dumps(report, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
