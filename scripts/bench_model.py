@@ -95,13 +95,23 @@ def build(tensors, metadata, outputs, precision, flex: bool, device) -> AlphaGen
     return model.to(device).eval()
 
 
-def profile_table(fn, rows: int = 30) -> str:
+def kernel_summary(fn) -> str:
+    """CUDA time of one call by kernel family, then the 25 most expensive kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    families: dict[str, float] = {}
+    for e in events:
+        n = e.key
+        family = ("convolution" if "fprop" in n or "conv" in n else "attention (flex)" if n.startswith("triton_tem") else
+                  "gemm" if any(t in n for t in ("gemm", "nvjet", "cutlass", "xmma")) else "fused elementwise (triton)" if n.startswith("triton") else "other")
+        families[family] = families.get(family, 0.0) + e.device_time_total / 1e3
+    lines = [f"    {k:28s} {v:8.2f} ms" for k, v in sorted(families.items(), key=lambda kv: -kv[1])]
+    lines += [f"      {e.device_time_total / 1e3:7.2f} ms x{e.count:<3d} {e.key[:90]}" for e in sorted(events, key=lambda e: -e.device_time_total)[:25]]
+    return "\n".join(lines)
 
 
 def bench_torch(name, length, outputs, tensors, metadata, precision, flex, compile_mode, warmup, runs, profile=False):
@@ -114,7 +124,7 @@ def bench_torch(name, length, outputs, tensors, metadata, precision, flex, compi
         first, times = timed(lambda: fn(x), warmup, runs)
         peak = torch.cuda.max_memory_allocated() / 2**30
         if profile:
-            print(profile_table(lambda: fn(x)), flush=True)
+            print(kernel_summary(lambda: fn(x)), flush=True)
     del model, fn, x
     gc.collect()
     torch.cuda.empty_cache()
