@@ -1,0 +1,413 @@
+"""Running a job on Ray: reading tasks ahead of the model workers, writing tasks behind them; resumable,
+with a progress bar, a manifest and a closing summary.
+
+    summary = run_job(RunOptions(genome=Path("genome.fa"), out=Path("run1")))
+
+Each window goes read task -> ModelWorker.predict -> write task. All three are submitted together
+and Ray starts each step once its input exists, so reading runs ahead of the model and writing
+behind it. The driver holds only ObjectRefs and windows.parquet rows, and keeps at most
+`windows_in_flight` windows between reading and written, so memory and object store stay bounded
+whatever the genome. Reading and writing run on the driver's node (the genome and OUT need to exist
+only where agpipe runs); only encoded windows and kept predictions travel to and from the workers.
+
+Faults: a worker process that dies is restarted by Ray (max_restarts), which reruns its unfinished
+batches on the new process (max_task_retries). A window that still fails is recorded `failed`, the
+run goes on, and ends with status `failed`; rerunning the command computes what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from tqdm import tqdm
+
+from agpipe import __version__
+from agpipe.io.fasta import Genome, open_genome
+from agpipe.io.parquet import MANIFEST_FILE, SCHEMA_VERSION, STATUSES, WindowRecord, write_json_atomic, write_tracks_table, write_windows_table
+from agpipe.jobs.estimate import full_window, window_value_bytes
+from agpipe.jobs.options import Execution, Job, RunOptions, prepare_job, resolve_execution
+from agpipe.jobs.plan import Window
+from agpipe.jobs.runfolder import RunFolderError, check_run_folder, locked_run_folder, trusted_windows
+from agpipe.jobs.worker import EXIT_ON_BATCH_ENV, ModelWorker, encode_window
+from agpipe.jobs.writer import WrittenWindow, write_prediction
+
+SAVE_SECONDS = 5.0  # windows.parquet and the manifest are rewritten at most this often while running
+BATCHES_PER_WORKER = 2  # submitted to a worker at once: one computing, one waiting, so it never idles
+WORKER_RESTARTS = 3
+OBJECT_STORE_SHARE = 0.25  # of the driver node's object store, for predictions waiting to be written
+ERRORS_SHOWN = 5
+
+
+class RunError(RuntimeError):
+    """The run could not finish (one-line message; the folder records how far it got)."""
+
+
+@dataclasses.dataclass
+class RunSummary:
+    out: Path
+    status: str  # complete or failed
+    counts: dict[str, int]  # windows of the whole run per status
+    computed: int = 0  # windows predicted by this invocation
+    bases: int = 0  # kept bases predicted by this invocation
+    wall_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    bytes_written: int = 0
+    nonfinite_total: int = 0
+    device: str = ""
+    error: str | None = None
+
+    def lines(self) -> list[str]:
+        c = self.counts
+        rate = f"{self.bases / self.wall_seconds:,.0f} bases/s" if self.wall_seconds else "-"
+        lines = [
+            f"{self.status}: {c['done']} windows done, {c['skipped_all_n']} skipped (all N), {c['failed']} failed, "
+            f"{c['pending']} pending in {self.out}"
+        ]
+        if not self.wall_seconds:  # nothing was run
+            return lines
+        lines += [
+            f"this run: {self.computed} windows, {self.bases:,} bases in {self.wall_seconds:.1f} s ({rate}); "
+            f"model {self.compute_seconds:.1f} s{' on ' + self.device if self.device else ''}",
+            f"written: {self.bytes_written / 1e6:,.1f} MB; non-finite values in the run: {self.nonfinite_total}",
+        ]
+        return lines + ([f"error: {self.error}"] if self.error else [])
+
+
+def run_job(
+    options: RunOptions,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    progress: bool = True,
+    command_line: str | None = None,
+    log: Callable[[str], None] = lambda message: tqdm.write(message, file=sys.stderr),
+) -> RunSummary:
+    """Runs (or resumes) a job into options.out. Input problems raise a one-line ValueError before
+    OUT is created; `num_cpus` sizes a local Ray instance (when no cluster address is known)."""
+    started = time.monotonic()
+    job = prepare_job(options)
+    for note in job.notes:
+        log(f"note: {note}")
+    previous = check_run_folder(options.out, job.identity(), job.weights.sha256, options.overwrite)
+    trusted = trusted_windows(options.out, job.windows()) if previous else {}
+    if previous and len(trusted) == job.window_count:
+        return finish_resumed(job, previous, trusted, log)
+    if trusted:
+        log(f"resuming: {len(trusted)} of {job.window_count} windows are already done in {options.out}")
+    with ray_cluster(ray_address, num_cpus):
+        resources = ray.cluster_resources()
+        execution = resolve_execution(options, int(resources.get("GPU", 0)), int(resources.get("CPU", 0)))
+        if previous and previous["identity"].get("precision") != execution.precision:
+            raise RunFolderError(
+                f"{options.out} holds a {previous['identity'].get('precision')} run and this one would be {execution.precision}: "
+                "pass --precision to match it, --overwrite to replace it, or use another --out"
+            )
+        node_id, store_bytes = driver_node()
+        with locked_run_folder(options.out, options.overwrite):
+            records = {w.window_id: trusted.get(w.window_id) or pending_record(w) for w in job.windows()}
+            run = Recorder(job, execution, records, started, command_line)
+            write_tracks_table(options.out, job.track_rows)
+            run.save("running")
+            try:
+                workers, device = start_workers(job, execution)
+                run.summary.device = device
+                log(f"running {job.window_count - len(trusted)} windows on {execution.workers} {device} worker(s), {execution.precision}")
+                limit = windows_in_flight(execution, window_value_bytes(job, full_window(job)), store_bytes)
+                todo = (w for w in job.windows() if w.window_id not in trusted)
+                stream = WindowStream(todo, workers, execution.batch_size, limit, io_tasks(job, node_id))
+                run.follow(stream, job.window_count - len(trusted), progress, log)
+            except BaseException as e:
+                run.summary.error = run.summary.error or error_line(e)
+                run.save("failed")
+                raise
+            run.save("complete" if run.finished() else "failed")
+    return run.summary
+
+
+def finish_resumed(job: Job, manifest: dict, trusted: dict[int, WindowRecord], log: Callable[[str], None]) -> RunSummary:
+    """Every window is already done: nothing to compute. A run killed after its last window but
+    before its closing save gets that save now; a complete run is left untouched."""
+    counts = status_counts(trusted)
+    summary = RunSummary(job.options.out, "complete", counts, nonfinite_total=sum(r.nonfinite_count for r in trusted.values()))
+    log(f"nothing to do: all {job.window_count} windows in {job.options.out} are done")
+    if manifest.get("status") != "complete":
+        with locked_run_folder(job.options.out, overwrite=False):
+            write_windows_table(job.options.out, trusted.values())
+            write_json_atomic(job.options.out / MANIFEST_FILE, {**manifest, "status": "complete", "windows": counts})
+    return summary
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None, num_cpus: int | None) -> Iterator[None]:
+    """Connects to `address`, else to RAY_ADDRESS (as under `ray job submit`), else starts a local
+    Ray instance for this job (dashboard off) and stops it afterwards. A driver that is already
+    connected (tests, notebooks) is used as it is."""
+    if ray.is_initialized():
+        yield
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()  # stops a local instance; only disconnects from a cluster
+
+
+def driver_node() -> tuple[str, float]:
+    """(node id, object store bytes) of the node this driver runs on: reading and writing run there."""
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    if not node["Resources"].get("CPU"):
+        raise RunError("the Ray node running agpipe has no CPUs for its reading and writing tasks: run agpipe on a node with CPUs")
+    return node_id, node["Resources"].get("object_store_memory", 0)
+
+
+def windows_in_flight(execution: Execution, window_bytes: int, store_bytes: float) -> int:
+    """How many windows may be between read and written at once: two batches per worker at the
+    model and two more per worker being read or written, fewer if their predictions would fill more
+    than OBJECT_STORE_SHARE of the object store, but never under a batch computing and one waiting."""
+    batch = execution.workers * execution.batch_size
+    fits = int(store_bytes * OBJECT_STORE_SHARE) // max(1, window_bytes)
+    return max(BATCHES_PER_WORKER * batch, min(2 * BATCHES_PER_WORKER * batch, fits))
+
+
+def start_workers(job: Job, execution: Execution) -> tuple[list, str]:
+    """The model workers, loaded and ready; and what they run on."""
+    env = {name: os.environ[name] for name in (EXIT_ON_BATCH_ENV,) if name in os.environ}
+    actor = ray.remote(ModelWorker).options(
+        num_gpus=1 if execution.device == "cuda" else 0,
+        num_cpus=execution.worker_cpus,
+        max_restarts=WORKER_RESTARTS,
+        max_task_retries=WORKER_RESTARTS,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    o = job.options
+    threads = execution.worker_cpus if execution.device == "cpu" else None
+    workers = [
+        actor.remote(
+            str(job.weights.path), job.weights.sha256, o.organism, job.outputs, execution.precision,
+            execution.device, execution.compile, execution.batch_size, o.window, threads,
+        )
+        for _ in range(execution.workers)
+    ]
+    try:
+        devices = ray.get([w.describe.remote() for w in workers])
+    except ray.exceptions.RayError as e:
+        raise RunError(f"a model worker failed to start: {error_line(e)}") from None
+    return workers, devices[0]
+
+
+@functools.lru_cache(maxsize=4)
+def cached_genome(path: str) -> Genome:
+    """One open genome per task process, reused by every window it reads."""
+    return open_genome(path)
+
+
+def read_window(genome_path: str, window: Window):
+    return encode_window(cached_genome(genome_path), window)
+
+
+def io_tasks(job: Job, node_id: str) -> tuple[Callable, Callable]:
+    """(read, write): submit a window's reading task, and its writing task given its prediction."""
+    on_driver_node = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    read = ray.remote(read_window).options(num_cpus=1, scheduling_strategy=on_driver_node)
+    write = ray.remote(write_prediction).options(num_cpus=1, scheduling_strategy=on_driver_node)
+    genome = str(job.options.genome.resolve())
+    out = str(job.options.out.resolve())
+    lengths = dict(job.genome_contigs)
+    columns = ray.put(job.columns)
+    return (
+        lambda w: read.remote(genome, w),
+        lambda w, prediction: write.remote(out, prediction, lengths[w.chrom], columns, job.options.on_nonfinite),
+    )
+
+
+class WindowStream:
+    """Feeds windows to the workers in batches, a bounded number in flight, and yields each window
+    with its outcome (WrittenWindow, or the exception that failed it) as its writing finishes."""
+
+    def __init__(self, windows: Iterator[Window], workers: list, batch_size: int, limit: int, tasks: tuple[Callable, Callable]):
+        self.windows = windows
+        self.workers = dict(enumerate(workers))  # the live ones
+        self.batch_size = batch_size
+        self.limit = limit
+        self.read, self.write = tasks
+        self.batches: dict[int, int] = dict.fromkeys(self.workers, 0)  # per worker: batches submitted, not done
+        self.batch_done: dict[ray.ObjectRef, int] = {}  # a batch's first prediction -> its worker
+        self.writes: dict[ray.ObjectRef, tuple[Window, int]] = {}  # write task -> its window and worker
+        self.stopped = False
+        self.lost_workers: str | None = None  # why no worker is left, if so
+
+    def stop(self) -> None:
+        """Submit nothing more; what is in flight still finishes."""
+        self.stopped = True
+
+    def __iter__(self) -> Iterator[tuple[Window, WrittenWindow | Exception]]:
+        while True:
+            self._submit()
+            if not self.writes:
+                return
+            ready, _ = ray.wait([*self.writes, *self.batch_done], num_returns=1, fetch_local=False)
+            for ref in ready:
+                if ref in self.batch_done:
+                    self.batches[self.batch_done.pop(ref)] -= 1
+                    continue
+                window, worker = self.writes.pop(ref)
+                try:
+                    yield window, ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    if isinstance(getattr(e, "cause", e), ray.exceptions.ActorDiedError) and worker in self.workers:
+                        del self.workers[worker]  # dead for good: Ray's restarts are used up
+                        self.lost_workers = error_line(e)
+                    yield window, e
+
+    def _submit(self) -> None:
+        while not self.stopped and self.workers and len(self.writes) < self.limit:
+            worker = min(self.workers, key=self.batches.__getitem__)
+            if self.batches[worker] >= BATCHES_PER_WORKER:
+                return
+            batch = list(itertools.islice(self.windows, min(self.batch_size, self.limit - len(self.writes))))
+            if not batch:
+                self.stopped = True
+                return
+            reads = [self.read(w) for w in batch]
+            predictions = self.workers[worker].predict.options(num_returns=len(batch)).remote(*reads)
+            predictions = predictions if len(batch) > 1 else [predictions]
+            self.batch_done[predictions[0]] = worker
+            self.batches[worker] += 1
+            for w, prediction in zip(batch, predictions):
+                self.writes[self.write(w, prediction)] = (w, worker)
+
+
+class Recorder:
+    """The run's state as the driver sees it: windows.parquet rows, the manifest, the summary."""
+
+    def __init__(self, job: Job, execution: Execution, records: dict[int, WindowRecord], started: float, command_line: str | None):
+        self.job = job
+        self.execution = execution
+        self.records = records
+        self.started = started
+        self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.command_line = command_line if command_line is not None else shlex.join(sys.argv)
+        self.summary = RunSummary(job.options.out, "running", status_counts(records))
+        self.saved = time.monotonic()
+
+    def follow(self, stream: WindowStream, todo: int, progress: bool, log: Callable[[str], None]) -> None:
+        """Records every window the stream finishes; saves every SAVE_SECONDS; stops the stream on a
+        non-finite window under --on-nonfinite fail."""
+        s = self.summary
+        errors = 0
+        with tqdm(total=todo, unit="window", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+            for window, outcome in stream:
+                if isinstance(outcome, WrittenWindow):
+                    record = outcome.record
+                    s.compute_seconds += outcome.compute_seconds
+                    s.bytes_written += sum(p.bytes for p in record.parts)
+                    if record.status == "done":
+                        s.computed += 1
+                        s.bases += window.kept
+                    if record.nonfinite_count:
+                        where = f"window {window.window_id} ({window.chrom}:{window.out_start}-{window.out_end})"
+                        if record.status == "failed":  # --on-nonfinite fail
+                            s.error = f"{where} has {record.nonfinite_count} non-finite values (--on-nonfinite fail)"
+                            stream.stop()
+                        else:
+                            log(f"{where}: {record.nonfinite_count} non-finite values (flagged in windows.parquet)")
+                else:
+                    record = pending_record(window, "failed")
+                    errors += 1
+                    s.error = f"window {window.window_id} failed: {error_line(outcome)}"
+                    if errors <= ERRORS_SHOWN:
+                        log(s.error)
+                self.records[window.window_id] = record
+                bar.update(1)
+                bar.set_postfix_str(f"{s.bases / max(time.monotonic() - self.started, 1e-9):,.0f} bases/s", refresh=False)
+                if time.monotonic() - self.saved > SAVE_SECONDS:
+                    self.save("running")
+        if stream.lost_workers:
+            s.error = f"every model worker died ({stream.lost_workers}); rerun the command to compute the rest"
+
+    def finished(self) -> bool:
+        return all(r.status in ("done", "skipped_all_n") for r in self.records.values())
+
+    def save(self, status: str) -> None:
+        """Rewrites windows.parquet and the manifest (both atomically)."""
+        s = self.summary
+        s.status, s.counts = status, status_counts(self.records)
+        s.wall_seconds = time.monotonic() - self.started
+        s.nonfinite_total = sum(r.nonfinite_count for r in self.records.values())
+        if status == "failed" and not s.error:
+            s.error = f"{s.counts['failed']} windows failed: rerun the command to compute them again"
+        out = self.job.options.out
+        write_windows_table(out, self.records.values())
+        write_json_atomic(out / MANIFEST_FILE, self.manifest())
+        self.saved = time.monotonic()
+
+    def manifest(self) -> dict:
+        job, e, o, s = self.job, self.execution, self.job.options, self.summary
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "agpipe_version": __version__,
+            "status": s.status,
+            "command_line": self.command_line,
+            "config": {
+                "genome": str(o.genome.resolve()),
+                "out": str(o.out.resolve()),
+                "window": o.window,
+                "crop": job.crop,
+                "contigs": o.contigs,
+                "regions": str(o.regions.resolve()) if o.regions else None,
+                "organism": o.organism,
+                "outputs": [str(x) for x in job.outputs],
+                "model": o.model,
+                "weights": str(job.weights.path),
+                "on_nonfinite": o.on_nonfinite,
+                **dataclasses.asdict(e),
+            },
+            "identity": {**job.identity(), "precision": e.precision},
+            "weights": {"path": str(job.weights.path.resolve()), "sha256": job.weights.sha256, "config": job.weights.config_name},
+            "genome": {"path": str(o.genome.resolve()), "contigs": [[n, length] for n, length in job.genome_contigs]},
+            "plan": {"windows": job.window_count, "bases": job.bases, "contigs": [n for n, _ in job.contigs]},
+            "windows": s.counts,
+            "nonfinite_total": s.nonfinite_total,
+            "timings": {
+                "started_at": self.started_at,
+                "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "wall_seconds": round(s.wall_seconds, 3),
+                "compute_seconds": round(s.compute_seconds, 3),
+                "device": s.device,
+            },
+            "error": s.error,
+        }
+
+
+def pending_record(w: Window, status: str = "pending") -> WindowRecord:
+    return WindowRecord(w.window_id, w.chrom, w.start, w.end, w.out_start, w.out_end, status, 0, 0.0)
+
+
+def status_counts(records: dict[int, WindowRecord]) -> dict[str, int]:
+    counts = Counter(r.status for r in records.values())
+    return {status: counts[status] for status in STATUSES}
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an exception, through Ray's wrapping to the error that caused it."""
+    cause = getattr(e, "cause", None) or e
+    lines = str(cause).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if isinstance(cause, (ValueError, OSError)) and text else f"{type(cause).__name__}: {text}".rstrip(": ")
