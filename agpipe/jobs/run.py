@@ -45,7 +45,10 @@ from agpipe.jobs.runfolder import RunFolderError, check_run_folder, locked_run_f
 from agpipe.jobs.worker import EXIT_ON_BATCH_ENV, ModelWorker, encode_window
 from agpipe.jobs.writer import WrittenWindow, write_prediction
 
-SAVE_SECONDS = 5.0  # windows.parquet and the manifest are rewritten at most this often while running
+# While running, windows.parquet and the manifest are rewritten after this many seconds or finished
+# windows, whichever comes first: a killed run loses at most that much work.
+SAVE_SECONDS = 5.0
+SAVE_WINDOWS = 25
 BATCHES_PER_WORKER = 2  # submitted to a worker at once: one computing, one waiting, so it never idles
 WORKER_RESTARTS = 3
 OBJECT_STORE_SHARE = 0.25  # of the driver node's object store, for predictions waiting to be written
@@ -306,9 +309,10 @@ class Recorder:
         self.command_line = command_line if command_line is not None else shlex.join(sys.argv)
         self.summary = RunSummary(job.options.out, "running", status_counts(records))
         self.saved = time.monotonic()
+        self.unsaved = 0  # windows finished since the last save
 
     def follow(self, stream: WindowStream, todo: int, progress: bool, log: Callable[[str], None]) -> None:
-        """Records every window the stream finishes; saves every SAVE_SECONDS; stops the stream on a
+        """Records every window the stream finishes, saving as it goes; stops the stream on a
         non-finite window under --on-nonfinite fail."""
         s = self.summary
         errors = 0
@@ -337,7 +341,8 @@ class Recorder:
                 self.records[window.window_id] = record
                 bar.update(1)
                 bar.set_postfix_str(f"{s.bases / max(time.monotonic() - self.started, 1e-9):,.0f} bases/s", refresh=False)
-                if time.monotonic() - self.saved > SAVE_SECONDS:
+                self.unsaved += 1
+                if self.unsaved >= SAVE_WINDOWS or time.monotonic() - self.saved > SAVE_SECONDS:
                     self.save("running")
         if stream.lost_workers:
             s.error = f"every model worker died ({stream.lost_workers}); rerun the command to compute the rest"
@@ -357,6 +362,7 @@ class Recorder:
         write_windows_table(out, self.records.values())
         write_json_atomic(out / MANIFEST_FILE, self.manifest())
         self.saved = time.monotonic()
+        self.unsaved = 0
 
     def manifest(self) -> dict:
         job, e, o, s = self.job, self.execution, self.job.options, self.summary
