@@ -28,7 +28,7 @@ from agpipe.model.config import SMALL, Output, parse_outputs
 from agpipe.model.precision import FLOAT32
 from agpipe.model.weights import demo_weights, load_model
 
-from conftest import CROP, SMALL_GENOME, WINDOW, random_sequence, write_fasta
+from conftest import CROP, WINDOW, random_sequence, write_fasta
 
 REPO = Path(__file__).resolve().parents[1]
 

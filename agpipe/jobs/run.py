@@ -41,7 +41,7 @@ from agpipe.io.parquet import MANIFEST_FILE, SCHEMA_VERSION, STATUSES, WindowRec
 from agpipe.jobs.estimate import full_window, window_value_bytes
 from agpipe.jobs.options import Execution, Job, RunOptions, prepare_job, resolve_execution
 from agpipe.jobs.plan import Window
-from agpipe.jobs.runfolder import RunFolderError, check_run_folder, locked_run_folder, trusted_windows
+from agpipe.jobs.runfolder import check_run_folder, check_same_precision, locked_run_folder, trusted_windows
 from agpipe.jobs.worker import EXIT_ON_BATCH_ENV, ModelWorker, encode_window
 from agpipe.jobs.writer import WrittenWindow, write_prediction
 
@@ -106,18 +106,17 @@ def run_job(
         log(f"note: {note}")
     previous = check_run_folder(options.out, job.identity(), job.weights.sha256, options.overwrite)
     trusted = trusted_windows(options.out, job.windows()) if previous else {}
-    if previous and len(trusted) == job.window_count:
+    if previous and options.precision != "auto":
+        check_same_precision(options.out, previous, options.precision)
+    if previous and len(trusted) == job.window_count:  # nothing to compute, so no cluster needed
         return finish_resumed(job, previous, trusted, log)
     if trusted:
         log(f"resuming: {len(trusted)} of {job.window_count} windows are already done in {options.out}")
     with ray_cluster(ray_address, num_cpus):
         resources = ray.cluster_resources()
         execution = resolve_execution(options, int(resources.get("GPU", 0)), int(resources.get("CPU", 0)))
-        if previous and previous["identity"].get("precision") != execution.precision:
-            raise RunFolderError(
-                f"{options.out} holds a {previous['identity'].get('precision')} run and this one would be {execution.precision}: "
-                "pass --precision to match it, --overwrite to replace it, or use another --out"
-            )
+        if previous:
+            check_same_precision(options.out, previous, execution.precision)
         node_id, store_bytes = driver_node()
         with locked_run_folder(options.out, options.overwrite):
             records = {w.window_id: trusted.get(w.window_id) or pending_record(w) for w in job.windows()}

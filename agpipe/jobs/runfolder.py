@@ -70,6 +70,15 @@ def check_run_folder(out: Path, identity: dict, weights_sha256: str, overwrite: 
     return manifest
 
 
+def check_same_precision(out: Path, manifest: dict, precision: str) -> None:
+    """The precision is part of a run's identity, known only once the device is (auto: by the cluster)."""
+    if manifest["identity"].get("precision") != precision:
+        raise RunFolderError(
+            f"{out} holds a {manifest['identity'].get('precision')} run and this one would be {precision}: "
+            "pass --precision to match it, --overwrite to replace it, or use another --out"
+        )
+
+
 def describe(value: object) -> str:
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
