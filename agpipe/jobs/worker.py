@@ -140,7 +140,9 @@ class ModelWorker:
         results = [predicted.get(item.window.window_id, item) for item in batch]
         return results if len(results) > 1 else results[0]
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: under inference_mode torch.compile (2.13) fails a guard on the
+    # tensors the model makes from numpy constants inside forward.
+    @torch.no_grad()
     def _forward(self, codes: np.ndarray, windows: Sequence[Window] = ()) -> list[tuple]:
         if self.pad_to and len(codes) < self.pad_to:
             codes = np.concatenate([codes, np.zeros((self.pad_to - len(codes), codes.shape[1]), np.uint8)])
