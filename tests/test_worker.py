@@ -91,3 +91,17 @@ def test_model_worker_predicts_each_window_of_a_batch(genome):
         for output, values in result.tracks.items():
             assert values.shape[0] == len(kept_rows(w, output.resolution))
             np.testing.assert_allclose(values, single.tracks[output], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_worker_predicts_what_the_eager_one_does(genome):
+    """torch.compile (the GPU default) on the CPU: same predictions, short batches padded."""
+    windows = [w for w in plan_windows(genome.contigs, WINDOW, CROP) if w.chrom == "chr2"][:3]
+    batch = [encode_window(genome, w) for w in windows]
+    weights = demo_weights()
+    sha256 = load_weights(weights).sha256
+    outputs = (ALL_OUTPUTS[1], CONTACT_MAPS)  # atac:128 and the pair path
+    eager = ModelWorker(str(weights), sha256, "human", outputs, "float32", "cpu", False, 2, WINDOW)
+    compiled = ModelWorker(str(weights), sha256, "human", outputs, "float32", "cpu", True, 2, WINDOW)
+    for expected, got in zip(eager.predict(*batch[:2]) + [eager.predict(batch[2])], compiled.predict(*batch[:2]) + [compiled.predict(batch[2])]):
+        np.testing.assert_allclose(got.tracks[ALL_OUTPUTS[1]], expected.tracks[ALL_OUTPUTS[1]], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got.contact_maps, expected.contact_maps, rtol=1e-4, atol=1e-5)
