@@ -21,6 +21,7 @@ from agpipe.cli import main
 from agpipe.io.fasta import open_genome, one_hot
 from agpipe.io.parquet import TEMP_NAME, kept_rows, read_json, read_windows_table
 from agpipe.jobs.options import RunOptions, prepare_job
+from agpipe.jobs import run as run_module
 from agpipe.jobs.run import run_job
 from agpipe.jobs.worker import EXIT_ON_BATCH_ENV
 from agpipe.model.checkpoint import load_weights, save_weights
@@ -189,6 +190,20 @@ def test_a_worker_that_dies_is_replaced_and_the_run_completes(tmp_path, small_ge
     summary = run(small_genome, out, ray_address, outputs="dnase:128")
     assert marker.exists()  # the worker did die
     assert summary.status == "complete" and summary.counts["failed"] == 0
+    check_every_bin_once(out, small_genome, [Output("dnase", 128)])
+
+
+def test_a_run_whose_workers_all_die_fails_and_a_rerun_completes_it(tmp_path, small_genome, ray_address, monkeypatch):
+    monkeypatch.setattr(run_module, "WORKER_RESTARTS", 0)
+    monkeypatch.setenv(EXIT_ON_BATCH_ENV, f"3:{tmp_path / 'worker-exited'}")
+    out = tmp_path / "out"
+    summary = run(small_genome, out, ray_address, outputs="dnase:128")
+    assert summary.status == "failed" and "every model worker died" in summary.error
+    assert read_json(out / "manifest.json")["status"] == "failed"
+    assert {w.status for w in read_windows_table(out)} >= {"done", "pending"}
+    monkeypatch.undo()
+    summary = run(small_genome, out, ray_address, outputs="dnase:128")
+    assert summary.status == "complete" and summary.computed
     check_every_bin_once(out, small_genome, [Output("dnase", 128)])
 
 

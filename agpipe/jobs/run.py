@@ -23,6 +23,7 @@ import functools
 import itertools
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -53,10 +54,12 @@ BATCHES_PER_WORKER = 2  # submitted to a worker at once: one computing, one wait
 WORKER_RESTARTS = 3
 OBJECT_STORE_SHARE = 0.25  # of the driver node's object store, for predictions waiting to be written
 ERRORS_SHOWN = 5
+TRACEBACK_LAST_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception): (.+)$")
 
 
-class RunError(RuntimeError):
-    """The run could not finish (one-line message; the folder records how far it got)."""
+class RunError(ValueError):
+    """The run cannot go on (one-line message saying why). A ValueError, as the other errors a user
+    acts on, so the CLI prints it as one line."""
 
 
 @dataclasses.dataclass
@@ -411,8 +414,12 @@ def status_counts(records: dict[int, WindowRecord]) -> dict[str, int]:
 
 
 def error_line(e: BaseException) -> str:
-    """One line for an exception, through Ray's wrapping to the error that caused it."""
+    """One line for an exception, through Ray's wrapping to the error that caused it. A worker that
+    failed to start carries its exception only as traceback text, whose last line names it."""
     cause = getattr(e, "cause", None) or e
-    lines = str(cause).strip().splitlines()
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    raised = TRACEBACK_LAST_LINE.match(lines[-1]) if len(lines) > 1 else None
+    if raised:
+        return raised.group(1)
     text = lines[0] if lines else ""
     return text if isinstance(cause, (ValueError, OSError)) and text else f"{type(cause).__name__}: {text}".rstrip(": ")
