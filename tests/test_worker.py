@@ -62,9 +62,8 @@ def test_kept_outputs_write_what_the_full_outputs_write(tmp_path, genome, all_ou
         junctions = Junctions(out[JUNCTIONS].positions[0].numpy(), out[JUNCTIONS].counts[0].numpy())
         expected = write_window(tmp_path / "full", w, lengths[w.chrom], full, columns, junctions, out[CONTACT_MAPS][0].numpy())
 
-        tracks, maps, positions, pairs, nonfinite = kept_outputs(out, 0, w)
-        assert nonfinite == 0
-        prediction = WindowPrediction(w, tracks, maps, positions, pairs, nonfinite, 0.0, 0.0)
+        prediction = kept_outputs(out, 0, w)
+        assert prediction.nonfinite_count == 0
         written = write_prediction(tmp_path / "kept", prediction, lengths[w.chrom], columns, "flag")
 
         assert written.record.status == "done"

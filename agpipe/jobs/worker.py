@@ -83,8 +83,8 @@ class WindowPrediction:
     junction_positions: np.ndarray | None  # (4, K) sites, bases from the window start, -1 for none
     junction_pairs: tuple[JunctionPairs, JunctionPairs] | None  # + strand, - strand
     nonfinite_count: int  # NaN or infinite values in what will be written
-    compute_seconds: float  # the window's share of its batch's model time (forward, crop, copy)
-    seconds: float  # reading + compute_seconds
+    compute_seconds: float = 0.0  # the window's share of its batch's model time (forward, crop, copy)
+    seconds: float = 0.0  # reading + compute_seconds
 
 
 class ModelWorker:
@@ -135,15 +135,16 @@ class ModelWorker:
             started = time.perf_counter()
             kept = self._forward(np.stack([e.codes for e in encoded]), [e.window for e in encoded])
             share = (time.perf_counter() - started) / len(encoded)
-            for e, (tracks, maps, positions, pairs, nonfinite) in zip(encoded, kept):
-                predicted[e.window.window_id] = WindowPrediction(e.window, tracks, maps, positions, pairs, nonfinite, share, e.seconds + share)
+            for e, prediction in zip(encoded, kept):
+                predicted[e.window.window_id] = dataclasses.replace(prediction, compute_seconds=share, seconds=e.seconds + share)
         results = [predicted.get(item.window.window_id, item) for item in batch]
         return results if len(results) > 1 else results[0]
 
     # no_grad, not inference_mode: under inference_mode torch.compile (2.13) fails a guard on the
     # tensors the model makes from numpy constants inside forward.
     @torch.no_grad()
-    def _forward(self, codes: np.ndarray, windows: Sequence[Window] = ()) -> list[tuple]:
+    def _forward(self, codes: np.ndarray, windows: Sequence[Window] = ()) -> list[WindowPrediction]:
+        """The kept predictions of `windows` (none for a warm-up), batch item i being window i."""
         if self.pad_to and len(codes) < self.pad_to:
             codes = np.concatenate([codes, np.zeros((self.pad_to - len(codes), codes.shape[1]), np.uint8)])
         x = self.code_one_hot[torch.from_numpy(codes).to(self.device).long()]
@@ -159,9 +160,9 @@ class ModelWorker:
             os._exit(1)
 
 
-def kept_outputs(out: dict[Output, torch.Tensor | JunctionPredictions], i: int, window: Window) -> tuple:
-    """Batch item i of the model's outputs cropped on the device to what window i writes, copied to
-    the host: (tracks, contact maps, junction positions, junction pairs, non-finite count)."""
+def kept_outputs(out: dict[Output, torch.Tensor | JunctionPredictions], i: int, window: Window) -> WindowPrediction:
+    """Batch item i of the model's outputs, cropped on the device to what the window writes and
+    copied to the host (without timings)."""
     nonfinite: list[torch.Tensor] = []  # counts stay on the device: one sync at the end
     tracks: dict[Output, np.ndarray] = {}
     maps = positions = pairs = None
@@ -180,7 +181,7 @@ def kept_outputs(out: dict[Output, torch.Tensor | JunctionPredictions], i: int, 
             kept = values[i, rows.start : rows.stop].float()
             nonfinite.append((~torch.isfinite(kept)).sum())
             tracks[output] = kept.cpu().numpy()
-    return tracks, maps, positions, pairs, int(torch.stack(nonfinite).sum()) if nonfinite else 0
+    return WindowPrediction(window, tracks, maps, positions, pairs, int(torch.stack(nonfinite).sum()) if nonfinite else 0)
 
 
 def kept_junctions(predictions: JunctionPredictions, i: int, window: Window) -> tuple[np.ndarray, tuple[JunctionPairs, JunctionPairs], torch.Tensor]:

@@ -131,7 +131,7 @@ def junctions_from_pairs(positions: np.ndarray, pairs: Sequence[JunctionPairs], 
     sites kept here pair up exactly as in the model's output, so it writes the same rows.
     """
     used = []  # per class (+ donor, + acceptor, - donor, - acceptor): the original site indices kept
-    for strand, p in enumerate(pairs):
+    for p in pairs:
         used += [np.unique(p.donor), np.unique(p.acceptor)]
     k = max(len(u) for u in used)
     tissues = pairs[0].counts.shape[1]
