@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from click.testing import CliRunner
 from agpipe.cli import main
 from agpipe.io.fasta import demo_genome_path
 from agpipe.io.parquet import write_json_atomic
+from agpipe.jobs import estimate
 from agpipe.jobs.demo import demo_options
 from agpipe.jobs.options import RunOptions, prepare_job
 
@@ -83,6 +87,15 @@ def test_a_bad_option_is_one_line_and_writes_nothing(tmp_path, small_genome, cas
     assert not out.exists()
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_an_unreadable_genome_is_one_line_and_writes_nothing(tmp_path, small_genome):
+    genome = fasta(tmp_path, small_genome.read_bytes())
+    genome.chmod(0)
+    out = tmp_path / "out"
+    assert_one_line_error(invoke("run", genome, "--out", out, *DEMO_MODEL), "cannot read")
+    assert not out.exists()
+
+
 def test_missing_weights_point_to_the_download(tmp_path, small_genome):
     out = tmp_path / "out"
     assert_one_line_error(invoke("run", small_genome, "--out", out), "agpipe weights download", "--model demo")
@@ -123,6 +136,32 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, small_genome):
     assert f"{job.window_count:,} of {WINDOW:,} bp" in result.stdout and f"{job.bases:,} bases" in result.stdout
     assert "before compression" in result.stdout and "not measured yet" in result.stdout
     assert not out.exists()
+
+
+def test_dry_run_gpu_time_comes_from_the_newest_matching_measurement(tmp_path, small_genome, monkeypatch):
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(estimate, "BENCHMARK_RESULTS", results)
+    args = ("run", small_genome, *DEMO_MODEL, "--window", WINDOW, "--crop", CROP, "--outputs", "dnase:128,atac:1", "--dry-run")
+    measured = {"window": WINDOW, "outputs": ["atac:1", "dnase:128"], "config": "small", "device": "Test GPU", "precision": "bfloat16"}
+    for name, ms, extra in (("old.json", 100.0, {}), ("other-window.json", 1.0, {"window": 2 * WINDOW}), ("new.json", 250.0, {})):
+        (results / name).write_text(json.dumps({**measured, "ms_per_window": ms, **extra}))
+        time.sleep(0.01)  # newest by modification time
+    (results / "broken.json").write_text("{")
+    job = prepare_job(RunOptions(genome=small_genome, out=tmp_path, window=WINDOW, crop=CROP, model="demo"))
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert f"{250 * job.window_count / 3.6e6:.2f} GPU-hours at 250 ms per window (Test GPU, bfloat16, new.json)" in result.stdout
+
+
+def test_regions_and_contigs_filter_the_whole_genome_plan(tmp_path, small_genome):
+    bed = tmp_path / "regions.bed"
+    bed.write_text("chr2\t7000\t7001\nchrM\t0\t10\n")
+    whole = list(prepare_job(RunOptions(genome=small_genome, out=tmp_path, window=WINDOW, crop=CROP, model="demo")).windows())
+    job = prepare_job(RunOptions(genome=small_genome, out=tmp_path, window=WINDOW, crop=CROP, model="demo", regions=bed, contigs="chr2"))
+    chosen = list(job.windows())
+    assert [w.window_id for w in chosen] == [w.window_id for w in whole if w.chrom == "chr2" and w.out_start <= 7000 < w.out_end]
+    assert job.window_count == 1 and job.bases == chosen[0].kept
 
 
 def test_config_file_gives_defaults_and_the_command_line_wins(tmp_path, small_genome):

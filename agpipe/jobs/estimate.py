@@ -38,8 +38,9 @@ def full_window(job: Job) -> Window:
     return Window(0, "", 0, job.options.window, crop, job.options.window - crop)
 
 
-def measured_ms_per_window(job: Job, results: Path = BENCHMARK_RESULTS) -> tuple[float, str] | None:
+def measured_ms_per_window(job: Job, results: Path | None = None) -> tuple[float, str] | None:
     """(ms per window, what it was measured on) from the newest matching benchmark result, if any."""
+    results = results or BENCHMARK_RESULTS
     wanted = sorted(str(o) for o in job.outputs)
     files = sorted(results.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if results.is_dir() else []
     for path in files:
