@@ -121,8 +121,11 @@ class ModelWorker:
             self._forward(np.zeros((batch_size, window), np.uint8))
 
     def describe(self) -> str:
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-        return f"{self.device.type} ({name})"
+        """What the worker computes on, e.g. "NVIDIA H100 80GB HBM3" or "CPU, 4 threads"."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        threads = torch.get_num_threads()
+        return f"CPU, {threads} thread{'s' if threads != 1 else ''}"
 
     def predict(self, *batch: EncodedWindow | SkippedWindow) -> list[WindowPrediction | SkippedWindow] | WindowPrediction | SkippedWindow:
         """Each window's kept predictions, in batch order; skipped windows pass through. Ray gives
