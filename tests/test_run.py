@@ -120,6 +120,17 @@ def test_mouse_run_leaves_out_heads_without_tracks(tmp_path, small_genome, ray_a
     assert all(whole[(w.chrom, w.start)] == w.window_id for w in windows)
 
 
+def test_overwrite_replaces_a_run_and_keeps_other_files(tmp_path, small_genome, ray_address):
+    out = tmp_path / "out"
+    assert run(small_genome, out, ray_address, outputs="atac:128", contigs="chrM").status == "complete"
+    (out / "notes.txt").write_text("mine")
+    summary = run(small_genome, out, ray_address, outputs="dnase:128", contigs="chrM", overwrite=True)
+    assert summary.status == "complete" and summary.computed == 1
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "predictions" / "head=atac").exists() and (out / "predictions" / "head=dnase").exists()
+    assert read_json(out / "manifest.json")["identity"]["outputs"] == ["dnase:128"]
+
+
 def test_all_outputs_write_junctions_and_contact_maps(tmp_path, small_genome, ray_address):
     out = tmp_path / "out"
     summary = run(small_genome, out, ray_address, outputs="all", contigs="odd:name/1,chrM")

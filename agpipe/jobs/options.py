@@ -124,7 +124,7 @@ def prepare_job(options: RunOptions) -> Job:
         genome_contigs = genome.contigs
     contigs = contig_filter(genome_contigs, options.contigs) if options.contigs else genome_contigs
     regions = read_regions(options.regions, genome_contigs) if options.regions else None
-    path = resolve_weights(options.weights, options.model)
+    path = resolve_weights(options.weights, options.model).resolve()  # workers may run elsewhere
     cfg, metadata_json = read_weights_header(path)
     metadata = TrackMetadata.from_json(metadata_json)
     config_name = next((name for name, c in CONFIGS.items() if c == cfg), "custom")
