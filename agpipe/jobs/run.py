@@ -113,22 +113,25 @@ def run_job(
             run = Recorder(job, execution, records, started, command_line)
             write_tracks_table(options.out, job.track_rows)
             run.save("running")
+            workers: list = []
             try:
                 workers, device = start_workers(job, execution)
                 run.summary.device = device
-                e = execution
                 log(
-                    f"running {job.window_count - len(trusted)} windows on {e.workers} worker(s) ({device}): "
-                    f"{e.precision}, batch {e.batch_size}{', compiled' if e.compile else ''}"
+                    f"running {job.window_count - len(trusted)} windows on {execution.workers} worker(s) ({device}): "
+                    f"{execution.precision}, batch {execution.batch_size}{', compiled' if execution.compile else ''}"
                 )
                 limit = windows_in_flight(execution, window_value_bytes(job, full_window(job)), store_bytes)
                 todo = (w for w in job.windows() if w.window_id not in trusted)
                 stream = WindowStream(todo, workers, execution.batch_size, limit, io_tasks(job, node_id))
                 run.follow(stream, job.window_count - len(trusted), progress, log)
-            except BaseException as e:
-                run.summary.error = run.summary.error or error_line(e)
+            except BaseException as error:
+                run.summary.error = run.summary.error or error_line(error)
                 run.save("failed")
                 raise
+            finally:
+                for worker in workers:  # frees their GPUs now, not when the driver exits
+                    ray.kill(worker)
             run.save("complete" if run.finished() else "failed")
     return run.summary
 
