@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from click.testing import CliRunner
 
@@ -22,7 +23,9 @@ from agpipe.io.fasta import open_genome, one_hot
 from agpipe.io.parquet import TEMP_NAME, kept_rows, read_json, read_windows_table
 from agpipe.jobs.options import RunOptions, prepare_job
 from agpipe.jobs import run as run_module
+from agpipe.jobs.plan import Window
 from agpipe.jobs.run import run_job
+from agpipe.jobs.stream import WindowStream
 from agpipe.jobs.worker import EXIT_ON_BATCH_ENV
 from agpipe.model.checkpoint import load_weights, save_weights
 from agpipe.model.config import SMALL, Output, parse_outputs
@@ -246,3 +249,30 @@ def test_nonfinite_predictions_are_counted_or_stop_the_run(tmp_path, small_genom
         assert manifest["status"] == "failed"
         failed = [w for w in windows if w.status == "failed"]
         assert failed and all(w.nonfinite_count and not w.parts for w in failed)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class EchoWorker:
+    """A stand-in for ModelWorker that returns its inputs, or dies on its first batch."""
+
+    def __init__(self, dies: bool):
+        self.dies = dies
+
+    def predict(self, *items):
+        if self.dies:
+            os._exit(1)
+        return list(items) if len(items) > 1 else items[0]
+
+
+@ray.remote(num_cpus=0)
+def echo(item):
+    return item
+
+
+def test_windows_of_a_worker_dead_for_good_go_to_the_others(ray_address):
+    windows = [Window(i, "chr1", 100 * i, 100 * i + 100, 100 * i, 100 * i + 100) for i in range(20)]
+    workers = [EchoWorker.remote(True), EchoWorker.remote(False)]
+    stream = WindowStream(iter(windows), workers, batch_size=2, limit=6, tasks=(ray.put, lambda w, p: echo.remote(p)))
+    outcomes = list(stream)
+    assert sorted(w.window_id for w, _ in outcomes) == list(range(20))
+    assert all(outcome == w for w, outcome in outcomes) and stream.lost_workers is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+from collections import deque
 from collections.abc import Callable, Iterator
 
 import ray
@@ -65,7 +66,11 @@ def io_tasks(job: Job, node_id: str) -> tuple[Callable, Callable]:
 
 class WindowStream:
     """Feeds windows to the workers in batches, a bounded number in flight, and yields each window
-    with its outcome (WrittenWindow, or the exception that failed it) as its writing finishes."""
+    with its outcome (WrittenWindow, or the exception that failed it) as its writing finishes.
+
+    A worker that dies is restarted by Ray, which reruns its batches. One that dies for good (its
+    restarts used up) is dropped and its windows go to the others; with none left, they fail.
+    """
 
     def __init__(self, windows: Iterator[Window], workers: list, batch_size: int, limit: int, tasks: tuple[Callable, Callable]):
         self.windows = windows
@@ -76,6 +81,7 @@ class WindowStream:
         self.batches: dict[int, int] = dict.fromkeys(self.workers, 0)  # per worker: batches submitted, not done
         self.batch_done: dict[ray.ObjectRef, int] = {}  # a batch's first prediction -> its worker
         self.writes: dict[ray.ObjectRef, tuple[Window, int]] = {}  # write task -> its window and worker
+        self.requeued: deque[Window] = deque()  # windows of workers that died for good, to go first
         self.stopped = False
         self.lost_workers: str | None = None  # why no worker is left, if so
 
@@ -97,8 +103,11 @@ class WindowStream:
                 try:
                     yield window, ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    if isinstance(getattr(e, "cause", e), ray.exceptions.ActorDiedError) and worker in self.workers:
-                        del self.workers[worker]  # dead for good: Ray's restarts are used up
+                    if isinstance(getattr(e, "cause", e), ray.exceptions.ActorDiedError):
+                        self.workers.pop(worker, None)  # dead for good: Ray's restarts are used up
+                        if self.workers:
+                            self.requeued.append(window)
+                            continue
                         self.lost_workers = error_line(e)
                     yield window, e
 
@@ -107,9 +116,10 @@ class WindowStream:
             worker = min(self.workers, key=self.batches.__getitem__)
             if self.batches[worker] >= BATCHES_PER_WORKER:
                 return
-            batch = list(itertools.islice(self.windows, min(self.batch_size, self.limit - len(self.writes))))
+            size = min(self.batch_size, self.limit - len(self.writes))
+            batch = [self.requeued.popleft() for _ in range(min(size, len(self.requeued)))]
+            batch += itertools.islice(self.windows, size - len(batch))
             if not batch:
-                self.stopped = True
                 return
             reads = [self.read(w) for w in batch]
             predictions = self.workers[worker].predict.options(num_returns=len(batch)).remote(*reads)
