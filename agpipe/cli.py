@@ -108,6 +108,11 @@ def weights_download(repo: str, revision: str | None, name: str, metadata: Path 
 PATH_KEYS = ("genome", "out", "regions")  # config values that are paths, relative to the config's folder
 
 
+def looks_like_path(weights: str) -> bool:
+    """Whether --weights names a file rather than a cached name (as agpipe.model.weights decides)."""
+    return weights.endswith(".safetensors") or "/" in weights
+
+
 def load_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
     """--config FILE: its keys become defaults of the other options (the command line wins)."""
     if value is None:
@@ -130,7 +135,7 @@ def load_config(ctx: click.Context, param: click.Parameter, value: Path | None) 
             raise UserError(f"config {value}: unknown option {key!r} (options: {', '.join(sorted(known))})")
         if isinstance(item, list):
             item = ",".join(str(x) for x in item)
-        if name in PATH_KEYS and item is not None:
+        if item is not None and (name in PATH_KEYS or (name == "weights" and looks_like_path(str(item)))):
             item = value.parent / Path(str(item))
         defaults[name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}

@@ -18,6 +18,7 @@ from agpipe.io.parquet import write_json_atomic
 from agpipe.jobs import estimate
 from agpipe.jobs.demo import demo_options
 from agpipe.jobs.options import RunOptions, prepare_job
+from agpipe.model.weights import demo_weights
 
 from conftest import CROP, WINDOW
 
@@ -173,6 +174,12 @@ def test_config_file_gives_defaults_and_the_command_line_wins(tmp_path, small_ge
     assert "of 16,384 bp" in result.stdout and "atac:1 (5), dnase:128 (5)" in result.stdout and "1 of 4 contigs (chr1)" in result.stdout
     result = invoke("run", "--config", config, "--window", WINDOW, "--dry-run")
     assert f"of {WINDOW:,} bp" in result.stdout
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "demo.safetensors").symlink_to(demo_weights())
+    config.write_text(yaml.safe_dump({"genome": small_genome.name, "weights": "w/demo.safetensors"}))
+    result = invoke("run", "--config", config, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert f"weights   {(tmp_path / 'w' / 'demo.safetensors').resolve()}" in result.stdout
     config.write_text("windw: 8192\n")
     assert_one_line_error(invoke("run", small_genome, "--config", config, "--dry-run"), "unknown option 'windw'")
 
