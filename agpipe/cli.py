@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 
 from agpipe import __version__
+from agpipe.jobs.plan import DEFAULT_WINDOW
+from agpipe.model.config import ORGANISMS
 
 
 class UserError(click.ClickException):
@@ -99,6 +101,128 @@ def weights_download(repo: str, revision: str | None, name: str, metadata: Path 
 
     path = download_weights(repo, revision, name, metadata)
     click.echo(f"weights ready: {path} (use --weights {name})")
+
+
+# ---------------------------------------------------------------- run and demo
+
+PATH_KEYS = ("genome", "out", "regions")  # config values that are paths, relative to the config's folder
+
+
+def looks_like_path(weights: str) -> bool:
+    """Whether --weights names a file rather than a cached name (as agpipe.model.weights decides)."""
+    return weights.endswith(".safetensors") or "/" in weights
+
+
+def load_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    """--config FILE: its keys become defaults of the other options (the command line wins)."""
+    if value is None:
+        return
+    import yaml
+
+    try:
+        data = yaml.safe_load(value.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeError, yaml.YAMLError) as e:
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"cannot read config {value}: {reason}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {value} must be a mapping of option names to values")
+    known = {p.name for p in ctx.command.params if p.name and p.expose_value}
+    defaults = {}
+    for key, item in data.items():
+        name = str(key).replace("-", "_")
+        name = {"compile": "compile_model"}.get(name, name)
+        if name not in known:
+            raise UserError(f"config {value}: unknown option {key!r} (options: {', '.join(sorted(known))})")
+        if isinstance(item, list):
+            item = ",".join(str(x) for x in item)
+        if item is not None and (name in PATH_KEYS or (name == "weights" and looks_like_path(str(item)))):
+            item = value.parent / Path(str(item))
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+
+
+@main.command()
+@click.argument("genome", required=False, type=click.Path(path_type=Path))
+@click.option("--config", type=click.Path(path_type=Path), is_eager=True, expose_value=False, callback=load_config,
+              help="YAML file of options, keyed by long option name (genome too); paths in it are relative to its folder. The command line wins.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Output folder. Rerun with the same folder to resume.")
+@click.option("--window", type=int, default=DEFAULT_WINDOW, show_default=True, help="Window in bp: a multiple of 2048, at most 1048576.")
+@click.option("--crop", type=int, default=None, help="Bases of predictions dropped on each side of a window, a multiple of 128.  [default: window/8]")
+@click.option("--contigs", default=None, help="Comma-separated contigs to predict (default: all). Window ids stay those of the whole genome.")
+@click.option("--regions", type=click.Path(path_type=Path), default=None, help="BED file: predict only the windows whose kept span meets a region.")
+@click.option("--organism", type=click.Choice(ORGANISMS), default="human", show_default=True)
+@click.option("--outputs", default="default", show_default=True,
+              help="head:resolution,...; 'default' is the seven genome-track heads at 128 bp, 'all' every head and resolution.")
+@click.option("--model", type=click.Choice(["alphagenome", "demo"]), default="alphagenome", show_default=True,
+              help="The official AlphaGenome (weights from `agpipe weights download`) or the small demo model.")
+@click.option("--weights", default=None, help="Weights file, or a name in the cache.  [default: all-folds; the demo model with --model demo]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: one worker per GPU of the Ray cluster, else CPU workers.")
+@click.option("--precision", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+@click.option("--compile/--no-compile", "compile_model", default=None, help="torch.compile the model.  [default: on GPU only]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Windows per model call.  [default: 524288/window on GPU, 1 on CPU]")
+@click.option("--on-nonfinite", type=click.Choice(["flag", "fail"]), default="flag", show_default=True,
+              help="NaN/Inf in predictions: count them in windows.parquet, or stop the run.")
+@click.option("--ray-address", default=None, help="Ray cluster to run on.  [default: RAY_ADDRESS, else a local instance for this job]")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the local Ray instance.  [default: all]")
+@click.option("--overwrite", is_flag=True, help="Delete agpipe's files in the output folder and start afresh.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and its estimated size and GPU time; write nothing.")
+@user_errors
+def run(genome: Path | None, out: Path | None, dry_run: bool, ray_address: str | None, num_cpus: int | None, compile_model: bool | None, **options) -> None:
+    """Predict a genome: FASTA in, Parquet out (see docs/output-format.md).
+
+    \b
+    agpipe run genome.fa --out run1                        seven track heads at 128 bp, 512 kb windows
+    agpipe run genome.fa --out run1 --contigs chr1,chr2    a few contigs (same window ids)
+    agpipe run genome.fa --config configs/regions-1bp.yaml --regions my.bed --out run2
+
+    Rerunning the same command resumes: windows already written (and intact) are skipped.
+    """
+    from agpipe.jobs.estimate import dry_run_report
+    from agpipe.jobs.options import RunOptions, prepare_job
+    from agpipe.jobs.run import run_job
+    from agpipe.jobs.runfolder import check_run_folder
+
+    if genome is None:
+        raise UserError("give the genome FASTA: agpipe run GENOME.fa --out DIR (or genome: in --config)")
+    if out is None and not dry_run:
+        raise UserError("give an output folder: --out DIR")
+    run_options = RunOptions(genome=genome, out=out or Path("."), compile=compile_model, **options)
+    if dry_run:
+        job = prepare_job(run_options)
+        if out is not None:
+            check_run_folder(out, job.identity(), job.weights.sha256, run_options.overwrite)
+        click.echo(dry_run_report(job))
+        return
+    finish(run_job(run_options, ray_address=ray_address, num_cpus=num_cpus))
+
+
+@main.command()
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("agpipe-demo"), show_default=True, help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Run the demo again even if the folder holds a finished demo run.")
+@user_errors
+def demo(out: Path, overwrite: bool) -> None:
+    """Run the whole job on the bundled demo genome with the demo model, then query it with DuckDB.
+
+    The demo genome has 4 contigs (3 Mb) with N runs and soft-masked repeats; the demo model is the
+    real architecture in a small config. It runs on a local Ray instance (CPU float32 unless a GPU
+    is there), 131,072 bp windows, the default outputs. Rerunning re-queries a finished demo.
+    """
+    from agpipe.jobs.demo import demo_options, demo_report
+    from agpipe.jobs.run import run_job
+
+    summary = run_job(demo_options(out, overwrite))
+    if summary.computed == 0 and summary.status == "complete":
+        click.echo(f"{out} holds a finished demo run: querying it (--overwrite runs it again)", err=True)
+    finish(summary)
+    click.echo(demo_report(out))
+
+
+def finish(summary) -> None:
+    """Prints a run's closing summary; a run that did not complete exits non-zero with its error."""
+    for line in summary.lines():
+        click.echo(line, err=True)
+    if summary.status != "complete":
+        raise UserError(summary.error or "the run did not complete")
 
 
 if __name__ == "__main__":

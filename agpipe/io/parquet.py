@@ -270,7 +270,7 @@ def _check_shape(window: WindowSpan, what: str, shape: tuple[int, ...], expected
         raise ValueError(f"window {window.window_id}: {what} has shape {shape}, expected {expected}")
 
 
-def _kept_rows(window: WindowSpan, resolution: int) -> range:
+def kept_rows(window: WindowSpan, resolution: int) -> range:
     """Rows of a window's output at `resolution` whose bin starts lie in the kept span."""
     first = -(-(window.out_start - window.start) // resolution)
     return range(first, -(-(window.out_end - window.start) // resolution))
@@ -281,7 +281,7 @@ def _prediction_chunks(
 ) -> Iterator[pa.Table]:
     """The kept bins as row-group-sized tables, so a 1 bp window is never copied whole."""
     r = output.resolution
-    rows = _kept_rows(window, r)
+    rows = kept_rows(window, r)
     chunk = _rows_per_group(schema)
     for first in range(rows.start, rows.stop, chunk):
         last = min(first + chunk, rows.stop)
@@ -315,7 +315,7 @@ def _contact_map_table(window: WindowSpan, maps: np.ndarray, schema: pa.Schema) 
     size = CONTACT_MAPS.resolution
     p = (window.end - window.start) // size
     _check_shape(window, "contact maps", maps.shape, (p, p, len(schema) - len(CONTACT_MAP_KEYS)))
-    rows = _kept_rows(window, size)
+    rows = kept_rows(window, size)
     i, j = (rows.start + x for x in np.triu_indices(len(rows)))
     return _table(schema, window.chrom, [window.start + size * i, window.start + size * j], maps[i, j])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+DEFAULT_WINDOW = 524_288
 MAX_WINDOW = 1_048_576
 WINDOW_MULTIPLE = 2048  # the pair map is window / 2048 bins per side
 CROP_MULTIPLE = 128  # kept spans start on the 128 bp grid of the contig

@@ -253,6 +253,24 @@ def save_weights(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], cfg
             os.unlink(tmp)
 
 
+def read_weights_header(path: str | os.PathLike) -> tuple[ModelConfig, str]:
+    """(config, track metadata JSON) of our weights file, without reading its tensors: what a job's
+    planner needs (columns, channel counts) before any worker loads the model."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            header = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from e
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an agpipe weights file: convert an official checkpoint with `agpipe convert`")
+    return config_from_json(header["config"]), header["tracks"]
+
+
 def load_weights(path: str | os.PathLike) -> WeightsFile:
     """Reads our weights file (safetensors only) and checks every tensor against the config it names."""
     from safetensors import safe_open

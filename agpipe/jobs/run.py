@@ -1,0 +1,316 @@
+"""Running a job: checks, the Ray cluster, the model workers, the run folder's records (windows.parquet
+and the manifest, saved as it goes), a progress bar and a closing summary.
+
+    summary = run_job(RunOptions(genome=Path("genome.fa"), out=Path("run1")))
+
+agpipe.jobs.stream moves the windows through Ray. Faults: a worker process that dies is restarted by
+Ray (max_restarts), which reruns its unfinished batches on the new process (max_task_retries). A
+window that still fails is recorded `failed`, the run goes on and ends with status `failed`;
+rerunning the command computes what is missing (agpipe.jobs.runfolder describes resuming).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from agpipe import __version__
+from agpipe.io.parquet import MANIFEST_FILE, SCHEMA_VERSION, STATUSES, WindowRecord, write_json_atomic, write_tracks_table, write_windows_table
+from agpipe.jobs.estimate import full_window, window_value_bytes
+from agpipe.jobs.options import Execution, Job, RunOptions, prepare_job, resolve_execution
+from agpipe.jobs.plan import Window
+from agpipe.jobs.runfolder import check_run_folder, check_same_precision, locked_run_folder, trusted_windows
+from agpipe.jobs.stream import WindowStream, error_line, io_tasks, windows_in_flight
+from agpipe.jobs.worker import EXIT_ON_BATCH_ENV, ModelWorker
+from agpipe.jobs.writer import WrittenWindow
+
+# While running, windows.parquet and the manifest are rewritten after this many seconds or finished
+# windows, whichever comes first: a killed run loses at most that much work.
+SAVE_SECONDS = 5.0
+SAVE_WINDOWS = 25
+WORKER_RESTARTS = 3
+ERRORS_SHOWN = 5
+
+
+class RunError(ValueError):
+    """The run cannot go on (one-line message saying why). A ValueError, as the other errors a user
+    acts on, so the CLI prints it as one line."""
+
+
+@dataclasses.dataclass
+class RunSummary:
+    out: Path
+    status: str  # complete or failed
+    counts: dict[str, int]  # windows of the whole run per status
+    computed: int = 0  # windows predicted by this invocation
+    bases: int = 0  # kept bases predicted by this invocation
+    wall_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    bytes_written: int = 0
+    nonfinite_total: int = 0
+    device: str = ""
+    error: str | None = None
+
+    def lines(self) -> list[str]:
+        c = self.counts
+        rate = f"{self.bases / self.wall_seconds:,.0f} bases/s" if self.wall_seconds else "-"
+        lines = [
+            f"{self.status}: {c['done']} windows done, {c['skipped_all_n']} skipped (all N), {c['failed']} failed, "
+            f"{c['pending']} pending in {self.out}"
+        ]
+        if not self.wall_seconds:  # nothing was run
+            return lines
+        lines += [
+            f"this run: {self.computed} windows, {self.bases:,} bases in {self.wall_seconds:.1f} s ({rate}); "
+            f"model {self.compute_seconds:.1f} s{' on ' + self.device if self.device else ''}",
+            f"written: {self.bytes_written / 1e6:,.1f} MB; non-finite values in the run: {self.nonfinite_total}",
+        ]
+        return lines + ([f"error: {self.error}"] if self.error else [])
+
+
+def run_job(
+    options: RunOptions,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    progress: bool = True,
+    command_line: str | None = None,
+    log: Callable[[str], None] = lambda message: tqdm.write(message, file=sys.stderr),
+) -> RunSummary:
+    """Runs (or resumes) a job into options.out. Input problems raise a one-line ValueError before
+    OUT is created; `num_cpus` sizes a local Ray instance (when no cluster address is known)."""
+    started = time.monotonic()
+    job = prepare_job(options)
+    for note in job.notes:
+        log(f"note: {note}")
+    previous = check_run_folder(options.out, job.identity(), job.weights.sha256, options.overwrite)
+    trusted = trusted_windows(options.out, job.windows()) if previous else {}
+    if previous and options.precision != "auto":
+        check_same_precision(options.out, previous, options.precision)
+    if previous and len(trusted) == job.window_count:  # nothing to compute, so no cluster needed
+        return finish_resumed(job, previous, trusted, log)
+    if trusted:
+        log(f"resuming: {len(trusted)} of {job.window_count} windows are already done in {options.out}")
+    with ray_cluster(ray_address, num_cpus):
+        resources = ray.cluster_resources()
+        execution = resolve_execution(options, int(resources.get("GPU", 0)), int(resources.get("CPU", 0)))
+        if previous:
+            check_same_precision(options.out, previous, execution.precision)
+        node_id, store_bytes = driver_node()
+        with locked_run_folder(options.out, options.overwrite):
+            records = {w.window_id: trusted.get(w.window_id) or pending_record(w) for w in job.windows()}
+            run = Recorder(job, execution, records, started, command_line)
+            write_tracks_table(options.out, job.track_rows)
+            run.save("running")
+            workers: list = []
+            try:
+                workers, device = start_workers(job, execution)
+                run.summary.device = device
+                log(
+                    f"running {job.window_count - len(trusted)} windows on {execution.workers} worker(s) ({device}): "
+                    f"{execution.precision}, batch {execution.batch_size}{', compiled' if execution.compile else ''}"
+                )
+                limit = windows_in_flight(execution, window_value_bytes(job, full_window(job)), store_bytes)
+                todo = (w for w in job.windows() if w.window_id not in trusted)
+                stream = WindowStream(todo, workers, execution.batch_size, limit, io_tasks(job, node_id))
+                run.follow(stream, job.window_count - len(trusted), progress, log)
+            except BaseException as error:
+                run.summary.error = run.summary.error or error_line(error)
+                run.save("failed")
+                raise
+            finally:
+                for worker in workers:  # frees their GPUs now, not when the driver exits
+                    ray.kill(worker)
+            run.save("complete" if run.finished() else "failed")
+    return run.summary
+
+
+def finish_resumed(job: Job, manifest: dict, trusted: dict[int, WindowRecord], log: Callable[[str], None]) -> RunSummary:
+    """Every window is already done: nothing to compute. A run killed after its last window but
+    before its closing save gets that save now; a complete run is left untouched."""
+    counts = status_counts(trusted)
+    summary = RunSummary(job.options.out, "complete", counts, nonfinite_total=sum(r.nonfinite_count for r in trusted.values()))
+    log(f"nothing to do: all {job.window_count} windows in {job.options.out} are done")
+    if manifest.get("status") != "complete":
+        with locked_run_folder(job.options.out, overwrite=False):
+            write_windows_table(job.options.out, trusted.values())
+            write_json_atomic(job.options.out / MANIFEST_FILE, {**manifest, "status": "complete", "windows": counts})
+    return summary
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None, num_cpus: int | None) -> Iterator[None]:
+    """Connects to `address`, else to RAY_ADDRESS (as under `ray job submit`), else starts a local
+    Ray instance for this job (dashboard off) and stops it afterwards. A driver that is already
+    connected (tests, notebooks) is used as it is."""
+    if ray.is_initialized():
+        yield
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()  # stops a local instance; only disconnects from a cluster
+
+
+def driver_node() -> tuple[str, float]:
+    """(node id, object store bytes) of the node this driver runs on: reading and writing run there."""
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    if not node["Resources"].get("CPU"):
+        raise RunError("the Ray node running agpipe has no CPUs for its reading and writing tasks: run agpipe on a node with CPUs")
+    return node_id, node["Resources"].get("object_store_memory", 0)
+
+
+def start_workers(job: Job, execution: Execution) -> tuple[list, str]:
+    """The model workers, loaded and ready; and what they run on."""
+    env = {name: os.environ[name] for name in (EXIT_ON_BATCH_ENV,) if name in os.environ}
+    actor = ray.remote(ModelWorker).options(
+        num_gpus=1 if execution.device == "cuda" else 0,
+        num_cpus=execution.worker_cpus,
+        max_restarts=WORKER_RESTARTS,
+        max_task_retries=WORKER_RESTARTS,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    o = job.options
+    threads = execution.worker_cpus if execution.device == "cpu" else None
+    workers = [
+        actor.remote(
+            str(job.weights.path), job.weights.sha256, o.organism, job.outputs, execution.precision,
+            execution.device, execution.compile, execution.batch_size, o.window, threads,
+        )
+        for _ in range(execution.workers)
+    ]
+    try:
+        devices = ray.get([w.describe.remote() for w in workers])
+    except ray.exceptions.RayError as e:
+        raise RunError(f"a model worker failed to start: {error_line(e)}") from None
+    return workers, devices[0]
+
+
+class Recorder:
+    """The run's state as the driver sees it: windows.parquet rows, the manifest, the summary."""
+
+    def __init__(self, job: Job, execution: Execution, records: dict[int, WindowRecord], started: float, command_line: str | None):
+        self.job = job
+        self.execution = execution
+        self.records = records
+        self.started = started
+        self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.command_line = command_line if command_line is not None else shlex.join(sys.argv)
+        self.summary = RunSummary(job.options.out, "running", status_counts(records))
+        self.saved = time.monotonic()
+        self.unsaved = 0  # windows finished since the last save
+
+    def follow(self, stream: WindowStream, todo: int, progress: bool, log: Callable[[str], None]) -> None:
+        """Records every window the stream finishes, saving as it goes; stops the stream on a
+        non-finite window under --on-nonfinite fail."""
+        s = self.summary
+        errors = 0
+        with tqdm(total=todo, unit="window", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+            for window, outcome in stream:
+                if isinstance(outcome, WrittenWindow):
+                    record = outcome.record
+                    s.compute_seconds += outcome.compute_seconds
+                    s.bytes_written += sum(p.bytes for p in record.parts)
+                    if record.status == "done":
+                        s.computed += 1
+                        s.bases += window.kept
+                    if record.nonfinite_count:
+                        where = f"window {window.window_id} ({window.chrom}:{window.out_start}-{window.out_end})"
+                        if record.status == "failed":  # --on-nonfinite fail
+                            s.error = f"{where} has {record.nonfinite_count} non-finite values (--on-nonfinite fail)"
+                            stream.stop()
+                        else:
+                            log(f"{where}: {record.nonfinite_count} non-finite values (flagged in windows.parquet)")
+                else:
+                    record = pending_record(window, "failed")
+                    errors += 1
+                    s.error = f"window {window.window_id} failed: {error_line(outcome)}"
+                    if errors <= ERRORS_SHOWN:
+                        log(s.error)
+                self.records[window.window_id] = record
+                bar.update(1)
+                bar.set_postfix_str(f"{s.bases / max(time.monotonic() - self.started, 1e-9):,.0f} bases/s", refresh=False)
+                self.unsaved += 1
+                if self.unsaved >= SAVE_WINDOWS or time.monotonic() - self.saved > SAVE_SECONDS:
+                    self.save("running")
+        if stream.lost_workers:
+            s.error = f"every model worker died ({stream.lost_workers}); rerun the command to compute the rest"
+
+    def finished(self) -> bool:
+        return all(r.status in ("done", "skipped_all_n") for r in self.records.values())
+
+    def save(self, status: str) -> None:
+        """Rewrites windows.parquet and the manifest (both atomically)."""
+        s = self.summary
+        s.status, s.counts = status, status_counts(self.records)
+        s.wall_seconds = time.monotonic() - self.started
+        s.nonfinite_total = sum(r.nonfinite_count for r in self.records.values())
+        if status == "failed" and not s.error:
+            s.error = f"{s.counts['failed']} windows failed: rerun the command to compute them again"
+        out = self.job.options.out
+        write_windows_table(out, self.records.values())
+        write_json_atomic(out / MANIFEST_FILE, self.manifest())
+        self.saved = time.monotonic()
+        self.unsaved = 0
+
+    def manifest(self) -> dict:
+        job, e, o, s = self.job, self.execution, self.job.options, self.summary
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "agpipe_version": __version__,
+            "status": s.status,
+            "command_line": self.command_line,
+            "config": {
+                "genome": str(o.genome.resolve()),
+                "out": str(o.out.resolve()),
+                "window": o.window,
+                "crop": job.crop,
+                "contigs": o.contigs,
+                "regions": str(o.regions.resolve()) if o.regions else None,
+                "organism": o.organism,
+                "outputs": [str(x) for x in job.outputs],
+                "model": o.model,
+                "weights": str(job.weights.path),
+                "on_nonfinite": o.on_nonfinite,
+                **dataclasses.asdict(e),
+            },
+            "identity": {**job.identity(), "precision": e.precision},
+            "weights": {"path": str(job.weights.path.resolve()), "sha256": job.weights.sha256, "config": job.weights.config_name},
+            "genome": {"path": str(o.genome.resolve()), "contigs": [[n, length] for n, length in job.genome_contigs]},
+            "plan": {"windows": job.window_count, "bases": job.bases, "contigs": [n for n, _ in job.contigs]},
+            "windows": s.counts,
+            "nonfinite_total": s.nonfinite_total,
+            "timings": {
+                "started_at": self.started_at,
+                "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "wall_seconds": round(s.wall_seconds, 3),
+                "compute_seconds": round(s.compute_seconds, 3),
+                "device": s.device,
+            },
+            "error": s.error,
+        }
+
+
+def pending_record(w: Window, status: str = "pending") -> WindowRecord:
+    return WindowRecord(w.window_id, w.chrom, w.start, w.end, w.out_start, w.out_end, status, 0, 0.0)
+
+
+def status_counts(records: dict[int, WindowRecord]) -> dict[str, int]:
+    counts = Counter(r.status for r in records.values())
+    return {status: counts[status] for status in STATUSES}

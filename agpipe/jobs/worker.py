@@ -1,0 +1,207 @@
+"""The model worker: loads the weights once, then turns batches of encoded windows into each window's
+kept predictions as numpy arrays. Also the reading side that prepares its input.
+
+`ModelWorker` is a plain class; agpipe.jobs.run makes it a Ray actor (one per GPU, or CPU workers).
+Outputs stay on the device until they are cropped to the window's kept span, so the host copy and
+the object store after it hold only what will be written. Per window, the object store carries:
+
+    in   EncodedWindow      base codes, 1 byte per base (512 KiB for a 512 kb window)
+    out  WindowPrediction   float32 kept rows of each output (kept bins x real tracks x 4 bytes),
+                            the kept square of the contact maps, and the junctions between kept
+                            sites as a sparse list of (donor, acceptor, counts per tissue)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agpipe.io.fasta import Genome, is_all_n, one_hot
+from agpipe.io.parquet import CONTACT_MAPS, JUNCTIONS, kept_rows
+from agpipe.jobs.plan import Window
+from agpipe.model.checkpoint import load_weights
+from agpipe.model.config import ORGANISMS, Output
+from agpipe.model.heads import JunctionPredictions
+from agpipe.model.precision import resolve_precision
+from agpipe.model.weights import WeightsError, load_model
+
+# A one-hot row (fasta.one_hot decides which bytes are bases) -> 0 for no base, 1..4 for A, C, G, T;
+# the worker maps the codes back to one-hot rows on the device with CODE_ONE_HOT.
+CODE_OF_ONE_HOT = np.arange(1, 5, dtype=np.float32)
+CODE_ONE_HOT = np.concatenate([np.zeros((1, 4), np.float32), np.eye(4, dtype=np.float32)])
+
+# Test hook: "N:MARKER" makes a worker process die hard (os._exit) when its Nth batch arrives, once:
+# it creates MARKER first, and does nothing while MARKER exists. Tests kill a worker mid-run with it.
+EXIT_ON_BATCH_ENV = "AGPIPE_TEST_EXIT_ON_BATCH"
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedWindow:
+    """A window whose kept span is all N: it is not predicted."""
+
+    window: Window
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedWindow:
+    window: Window
+    codes: np.ndarray  # (window,) uint8 base codes (see CODE_OF_ONE_HOT)
+    seconds: float  # reading and encoding
+
+
+def encode_window(genome: Genome, window: Window) -> EncodedWindow | SkippedWindow:
+    """Reads a window's input span (N beyond the contig) as base codes, or skips it if all N."""
+    started = time.perf_counter()
+    sequence = genome.fetch(window.chrom, window.start, window.end)
+    if is_all_n(sequence[window.out_start - window.start : window.out_end - window.start]):
+        return SkippedWindow(window, time.perf_counter() - started)
+    codes = (one_hot(sequence) @ CODE_OF_ONE_HOT).astype(np.uint8)
+    return EncodedWindow(window, codes, time.perf_counter() - started)
+
+
+@dataclasses.dataclass(frozen=True)
+class JunctionPairs:
+    """One strand's junctions between real sites in the kept span, in the contract's orientation."""
+
+    donor: np.ndarray  # (N,) int: index into the strand's donor row of the positions
+    acceptor: np.ndarray  # (N,) int: index into the strand's acceptor row
+    counts: np.ndarray  # (N, tissues) float32
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowPrediction:
+    window: Window
+    tracks: dict[Output, np.ndarray]  # per-bin outputs: rows kept_rows(window, resolution), (rows, tracks)
+    contact_maps: np.ndarray | None  # (P, P, tracks): the bins kept_rows(window, 2048) on both axes
+    junction_positions: np.ndarray | None  # (4, K) sites, bases from the window start, -1 for none
+    junction_pairs: tuple[JunctionPairs, JunctionPairs] | None  # + strand, - strand
+    nonfinite_count: int  # NaN or infinite values in what will be written
+    compute_seconds: float = 0.0  # the window's share of its batch's model time (forward, crop, copy)
+    seconds: float = 0.0  # reading + compute_seconds
+
+
+class ModelWorker:
+    """One model on one device, prepared once for the run's organism, outputs and precision."""
+
+    def __init__(
+        self,
+        weights_path: str,
+        weights_sha256: str,
+        organism: str,
+        outputs: Sequence[Output],
+        precision: str,
+        device: str,
+        compile_model: bool,
+        batch_size: int,
+        window: int,
+        threads: int | None = None,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        weights = load_weights(weights_path)
+        if weights.sha256 != weights_sha256:
+            raise WeightsError(f"{weights_path} changed after the run started (sha256 differs): rerun the command")
+        policy = resolve_precision(precision, self.device)
+        model, _ = load_model(weights, ORGANISMS.index(organism), outputs, policy, self.device)
+        # Compiled models get batches of one shape (short batches padded), so they compile once.
+        self.model = torch.compile(model, dynamic=False) if compile_model else model
+        self.pad_to = batch_size if compile_model else None
+        self.code_one_hot = torch.from_numpy(CODE_ONE_HOT).to(self.device)
+        self.batches = 0
+        self.exit_on_batch = os.environ.get(EXIT_ON_BATCH_ENV)
+        if compile_model:  # compile now, so the first batch's time is the model's
+            self._forward(np.zeros((batch_size, window), np.uint8))
+
+    def describe(self) -> str:
+        """What the worker computes on, e.g. "NVIDIA H100 80GB HBM3" or "CPU, 4 threads"."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        threads = torch.get_num_threads()
+        return f"CPU, {threads} thread{'s' if threads != 1 else ''}"
+
+    def predict(self, *batch: EncodedWindow | SkippedWindow) -> list[WindowPrediction | SkippedWindow] | WindowPrediction | SkippedWindow:
+        """Each window's kept predictions, in batch order; skipped windows pass through. Ray gives
+        one object per window (num_returns = len(batch)), which for one window is the result itself."""
+        self.batches += 1
+        self._exit_if_asked()
+        encoded = [item for item in batch if isinstance(item, EncodedWindow)]
+        predicted: dict[int, WindowPrediction] = {}
+        if encoded:
+            started = time.perf_counter()
+            kept = self._forward(np.stack([e.codes for e in encoded]), [e.window for e in encoded])
+            share = (time.perf_counter() - started) / len(encoded)
+            for e, prediction in zip(encoded, kept):
+                predicted[e.window.window_id] = dataclasses.replace(prediction, compute_seconds=share, seconds=e.seconds + share)
+        results = [predicted.get(item.window.window_id, item) for item in batch]
+        return results if len(results) > 1 else results[0]
+
+    # no_grad, not inference_mode: under inference_mode torch.compile (2.13) fails a guard on the
+    # tensors the model makes from numpy constants inside forward.
+    @torch.no_grad()
+    def _forward(self, codes: np.ndarray, windows: Sequence[Window] = ()) -> list[WindowPrediction]:
+        """The kept predictions of `windows` (none for a warm-up), batch item i being window i."""
+        if self.pad_to and len(codes) < self.pad_to:
+            codes = np.concatenate([codes, np.zeros((self.pad_to - len(codes), codes.shape[1]), np.uint8)])
+        x = self.code_one_hot[torch.from_numpy(codes).to(self.device).long()]
+        out = self.model(x)
+        return [kept_outputs(out, i, w) for i, w in enumerate(windows)]
+
+    def _exit_if_asked(self) -> None:
+        if not self.exit_on_batch:
+            return
+        batch, marker = self.exit_on_batch.split(":", 1)
+        if self.batches == int(batch) and not Path(marker).exists():
+            Path(marker).touch()
+            os._exit(1)
+
+
+def kept_outputs(out: dict[Output, torch.Tensor | JunctionPredictions], i: int, window: Window) -> WindowPrediction:
+    """Batch item i of the model's outputs, cropped on the device to what the window writes and
+    copied to the host (without timings)."""
+    nonfinite: list[torch.Tensor] = []  # counts stay on the device: one sync at the end
+    tracks: dict[Output, np.ndarray] = {}
+    maps = positions = pairs = None
+    for output, values in out.items():
+        if output == JUNCTIONS:
+            positions, pairs, bad = kept_junctions(values, i, window)
+            nonfinite.append(bad)
+            continue
+        rows = kept_rows(window, output.resolution)
+        if output == CONTACT_MAPS:
+            square = values[i, rows.start : rows.stop, rows.start : rows.stop].float()
+            upper = torch.triu(torch.ones(square.shape[:2], dtype=torch.bool, device=square.device))
+            nonfinite.append((~torch.isfinite(square[upper])).sum())  # the upper triangle is what is written
+            maps = square.cpu().numpy()
+        else:
+            kept = values[i, rows.start : rows.stop].float()
+            nonfinite.append((~torch.isfinite(kept)).sum())
+            tracks[output] = kept.cpu().numpy()
+    return WindowPrediction(window, tracks, maps, positions, pairs, int(torch.stack(nonfinite).sum()) if nonfinite else 0)
+
+
+def kept_junctions(predictions: JunctionPredictions, i: int, window: Window) -> tuple[np.ndarray, tuple[JunctionPairs, JunctionPairs], torch.Tensor]:
+    """The junctions of batch item i that parquet.write_window would write (both sites real and in
+    the kept span; on + the donor left of the acceptor, on - right of it), as sparse pairs: the
+    dense (K, K, 2, tissues) counts of the official model are ~770 MB a window."""
+    positions = predictions.positions[i]  # (4, K)
+    counts = predictions.counts[i]  # (K, K, 2, T)
+    lo, hi = window.out_start - window.start, window.out_end - window.start
+    usable = (positions >= 0) & (positions >= lo) & (positions < hi)
+    pairs = []
+    nonfinite = []
+    for strand in (0, 1):
+        donor, acceptor = positions[2 * strand], positions[2 * strand + 1]
+        ordered = donor[:, None] < acceptor[None, :] if strand == 0 else donor[:, None] > acceptor[None, :]
+        d, a = torch.nonzero(usable[2 * strand][:, None] & usable[2 * strand + 1][None, :] & ordered, as_tuple=True)
+        values = counts[d, a, strand].float()
+        nonfinite.append((~torch.isfinite(values)).sum())
+        pairs.append(JunctionPairs(d.cpu().numpy(), a.cpu().numpy(), values.cpu().numpy()))
+    return positions.cpu().numpy(), (pairs[0], pairs[1]), torch.stack(nonfinite).sum()

@@ -1,0 +1,106 @@
+"""The worker's cropping and the writer's sub-spans, without Ray: writing what the worker keeps gives
+the same files as writing the model's full outputs with parquet.write_window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from agpipe.io.fasta import open_genome, one_hot
+from agpipe.io.parquet import CONTACT_MAPS, JUNCTIONS, Junctions, kept_rows, write_window
+from agpipe.jobs.plan import plan_windows
+from agpipe.jobs.worker import CODE_ONE_HOT, EncodedWindow, ModelWorker, SkippedWindow, WindowPrediction, encode_window, kept_outputs
+from agpipe.jobs.writer import output_columns, write_prediction
+from agpipe.model.checkpoint import load_weights
+from agpipe.model.config import ALL_OUTPUTS
+from agpipe.model.precision import FLOAT32
+from agpipe.model.weights import demo_weights, load_model
+
+WINDOW = 8192
+CROP = 1152  # a multiple of 128 but not of 2048: contact-map bins do not start at the kept span
+
+
+@pytest.fixture(scope="module")
+def genome(small_genome):
+    with open_genome(small_genome) as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def all_outputs_model():
+    model, metadata = load_model(load_weights(demo_weights()), 0, ALL_OUTPUTS, FLOAT32, "cpu")
+    columns, _ = output_columns(metadata, "human", ALL_OUTPUTS)
+    return model, columns
+
+
+def test_encoded_windows_are_the_one_hot_input(genome):
+    windows = list(plan_windows(genome.contigs, WINDOW, CROP))
+    for w in windows:
+        encoded = encode_window(genome, w)
+        sequence = genome.fetch(w.chrom, w.start, w.end)
+        if isinstance(encoded, SkippedWindow):
+            assert not sequence[w.out_start - w.start : w.out_end - w.start].strip(b"N")
+            continue
+        assert encoded.codes.dtype == np.uint8 and encoded.codes.shape == (WINDOW,)
+        np.testing.assert_array_equal(CODE_ONE_HOT[encoded.codes], one_hot(sequence))
+    assert any(isinstance(encode_window(genome, w), SkippedWindow) for w in windows)
+
+
+def test_kept_outputs_write_what_the_full_outputs_write(tmp_path, genome, all_outputs_model):
+    model, columns = all_outputs_model
+    lengths = dict(genome.contigs)
+    chr1 = [w for w in plan_windows(genome.contigs, WINDOW, CROP) if w.chrom == "chr1"]
+    chr_m = [w for w in plan_windows(genome.contigs, WINDOW, CROP) if w.chrom == "chrM"]
+    junction_rows = 0
+    for w in (chr1[0], chr1[-1], *chr_m):  # first window, a last one cut by the contig end, one past both ends
+        x = torch.from_numpy(one_hot(genome.fetch(w.chrom, w.start, w.end)))[None]
+        with torch.inference_mode():
+            out = model(x)
+        full = {o: v[0].numpy() for o, v in out.items() if o not in (JUNCTIONS, CONTACT_MAPS)}
+        junctions = Junctions(out[JUNCTIONS].positions[0].numpy(), out[JUNCTIONS].counts[0].numpy())
+        expected = write_window(tmp_path / "full", w, lengths[w.chrom], full, columns, junctions, out[CONTACT_MAPS][0].numpy())
+
+        prediction = kept_outputs(out, 0, w)
+        assert prediction.nonfinite_count == 0
+        written = write_prediction(tmp_path / "kept", prediction, lengths[w.chrom], columns, "flag")
+
+        assert written.record.status == "done"
+        assert sorted(p.path for p in written.record.parts) == sorted(p.path for p in expected)
+        for part in expected:
+            assert pq.read_table(tmp_path / "kept" / part.path).equals(pq.read_table(tmp_path / "full" / part.path)), part.path
+            if part.path.startswith("junctions/"):
+                junction_rows += part.rows
+    assert junction_rows > 0  # the comparison covered real junctions
+
+
+def test_model_worker_predicts_each_window_of_a_batch(genome):
+    """The worker class itself (as the Ray actor runs it): a batch with a skipped window in it."""
+    windows = [w for w in plan_windows(genome.contigs, WINDOW, CROP) if w.chrom == "chr1"][1:4]
+    batch = [encode_window(genome, w) for w in windows]
+    assert [type(b) for b in batch] == [EncodedWindow, SkippedWindow, EncodedWindow]
+    weights = demo_weights()
+    worker = ModelWorker(str(weights), load_weights(weights).sha256, "human", ALL_OUTPUTS[:2], "float32", "cpu", False, 3, WINDOW, 1)
+    results = worker.predict(*batch)
+    assert isinstance(results[1], SkippedWindow)
+    for w, result in zip(windows[::2], results[::2]):
+        single = worker.predict(encode_window(genome, w))
+        assert isinstance(single, WindowPrediction) and result.window == w
+        for output, values in result.tracks.items():
+            assert values.shape[0] == len(kept_rows(w, output.resolution))
+            np.testing.assert_allclose(values, single.tracks[output], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_worker_predicts_what_the_eager_one_does(genome):
+    """torch.compile (the GPU default) on the CPU: same predictions, short batches padded."""
+    windows = [w for w in plan_windows(genome.contigs, WINDOW, CROP) if w.chrom == "chr2"][:3]
+    batch = [encode_window(genome, w) for w in windows]
+    weights = demo_weights()
+    sha256 = load_weights(weights).sha256
+    outputs = (ALL_OUTPUTS[1], CONTACT_MAPS)  # atac:128 and the pair path
+    eager = ModelWorker(str(weights), sha256, "human", outputs, "float32", "cpu", False, 2, WINDOW)
+    compiled = ModelWorker(str(weights), sha256, "human", outputs, "float32", "cpu", True, 2, WINDOW)
+    for expected, got in zip(eager.predict(*batch[:2]) + [eager.predict(batch[2])], compiled.predict(*batch[:2]) + [compiled.predict(batch[2])]):
+        np.testing.assert_allclose(got.tracks[ALL_OUTPUTS[1]], expected.tracks[ALL_OUTPUTS[1]], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got.contact_maps, expected.contact_maps, rtol=1e-4, atol=1e-5)
