@@ -27,13 +27,13 @@ from agpipe.io.results import Run, Selection
 # Open files per pass over the data: a pass reads only its tracks' columns, and an official head has
 # hundreds of tracks, more than a process may keep open.
 FILES_PER_PASS = 64
-_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")  # "+" kept: strand suffixes
 MAX_STEM = 150  # file names stay well below the usual 255-byte limit
 
 
 def file_stems(selection: Selection) -> list[str]:
     """Safe, unique file names (without suffix) for the selected tracks: `<head>.<r>bp.<column>`
-    with every run of characters outside [A-Za-z0-9._-] turned into '_', unique ignoring case
+    with every run of characters outside [A-Za-z0-9._+-] turned into '_', unique ignoring case
     (macOS and Windows file systems ignore it) by numbering repeats."""
     prefix = f"{selection.output.head}.{selection.output.resolution}bp."
     stems, taken = [], set()
@@ -77,9 +77,7 @@ class _BigWigWriter:
     """Fixed-step records (span = step = bin width): 4 bytes per bin, the compact bigWig form."""
 
     def __init__(self, path: Path, contigs: Sequence[tuple[str, int]]):
-        import pyBigWig  # optional: only bigWig export needs it
-
-        self._file = pyBigWig.open(str(path), "w")
+        self._file = _pybigwig().open(str(path), "w")
         if self._file is None:
             raise OSError(f"cannot write {path}")
         self._file.addHeader(list(contigs), maxZooms=10)  # zoom levels let browsers show whole contigs fast
@@ -91,6 +89,15 @@ class _BigWigWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _pybigwig():
+    """pyBigWig, an optional dependency: only bigWig export needs it."""
+    try:
+        import pyBigWig
+    except ImportError:
+        raise ValueError("bigWig export needs pyBigWig: pip install 'agpipe[bigwig]'") from None
+    return pyBigWig
 
 
 def _fixed_step_runs(starts: np.ndarray, ends: np.ndarray, finite: np.ndarray) -> Iterator[tuple[int, int]]:
@@ -127,6 +134,7 @@ class _BedGraphWriter:
 
 def export_bigwig(run: Run, selection: Selection, out_dir: Path) -> list[Path]:
     """One bigWig per selected track in out_dir, named by file_stems; returns their paths."""
+    _pybigwig()  # before any file is opened
     contigs = sorted(run.contigs.items())
     return _export(run, selection, out_dir, ".bw", lambda path: _BigWigWriter(path, contigs))
 

@@ -273,12 +273,10 @@ class Run:
         """Values of the matching tracks (of one output) over a region: columns chrom, start, end and
         one per track, named as in tracks.parquet; one row per bin overlapping the region, so the
         first and last bins may reach past it. Bins of windows without predictions are absent."""
-        table = self.read_region(self.select(tracks, head, resolution), self.region(region))
-        if as_ == "pandas":
-            return table.to_pandas()
-        if as_ != "arrow":
+        if as_ not in ("arrow", "pandas"):
             raise ValueError(f"as_={as_!r}: use 'arrow' or 'pandas'")
-        return table
+        table = self.read_region(self.select(tracks, head, resolution), self.region(region))
+        return table.to_pandas() if as_ == "pandas" else table
 
     def iter_contig(self, selection: Selection, chrom: str, columns: Sequence[str], batch_rows: int = 262_144) -> Iterator[pa.RecordBatch]:
         """A contig's bins in genome order as record batches of chrom, start, end and `columns`,
