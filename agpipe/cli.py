@@ -119,15 +119,13 @@ def _open_run(out: Path):
 
 def _track_options(fn):
     """--tracks, --head and --resolution: which tracks of which output (shared by query, export, plot)."""
-    from agpipe.model.config import HEADS
-
     options = [
         click.option(
             "-t", "--tracks", "patterns", multiple=True, metavar="PATTERN",
             help="Tracks whose column, name, assay, biosample or ontology CURIE contains PATTERN (text or "
             "regex, any case); an exact column name picks that track alone. Repeat for more. Default: all.",
         ),
-        click.option("--head", type=click.Choice(list(HEADS)), default=None, help="Head (output) to read."),
+        click.option("--head", default=None, help="Head to read (atac, rna_seq, ...; see `agpipe tracks`)."),
         click.option("-r", "--resolution", type=int, default=None, help="Resolution in bp, when the head has several."),
     ]
     for option in reversed(options):
@@ -160,7 +158,7 @@ def _text_table(table, max_rows: int | None = None) -> str:
 @click.option("-r", "--resolution", type=int, default=None, help="Only this resolution (bp).")
 @user_errors
 def tracks(out: Path, search: str | None, head: str | None, resolution: int | None) -> None:
-    """List the tracks of a run: what each value column of the Parquet files holds.
+    """List a run's tracks and the columns that hold them.
 
     \b
       agpipe tracks run1 --search K562
@@ -180,8 +178,10 @@ def tracks(out: Path, search: str | None, head: str | None, resolution: int | No
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="File to write (all rows). Default: stdout.")
 @user_errors
 def query(out: Path, region: str, patterns: tuple[str, ...], head: str | None, resolution: int | None, fmt: str, output: Path | None) -> None:
-    """Predicted values over a region: chrom, start, end (0-based, half-open, as stored) and one
-    column per track, for every bin overlapping the region.
+    """Predicted values of tracks over a region.
+
+    Columns: chrom, start, end (0-based, half-open, as stored) and one per track; one row per bin
+    overlapping the region.
 
     \b
       agpipe query run1 --region chr1:1,000,001-1,010,000 --head atac -r 128 --tracks K562
@@ -224,8 +224,10 @@ def export() -> None:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for the files.")
 @user_errors
 def export_bigwig(out: Path, patterns: tuple[str, ...], head: str | None, resolution: int | None, out_dir: Path) -> None:
-    """One bigWig per track: fixed-step records at the output's resolution, zoom levels for
-    browsing whole contigs, contigs from the run's genome. Names: <head>.<r>bp.<column>.bw.
+    """One bigWig per track.
+
+    Fixed-step records at the output's resolution, zoom levels for browsing whole contigs, the
+    run's contigs in the header. Names: <head>.<r>bp.<column>.bw.
 
     \b
       agpipe export bigwig run1 --head atac -r 128 --tracks K562 -o bigwig/
@@ -244,7 +246,9 @@ def export_bigwig(out: Path, patterns: tuple[str, ...], head: str | None, resolu
 @click.option("--gzip", is_flag=True, help="Write .bedGraph.gz.")
 @user_errors
 def export_bedgraph(out: Path, patterns: tuple[str, ...], head: str | None, resolution: int | None, out_dir: Path, gzip: bool) -> None:
-    """One bedGraph per track (chrom, start, end, value; tab-separated, sorted, no header).
+    """One bedGraph per track.
+
+    chrom, start, end, value: tab-separated, sorted, no header line.
 
     \b
       agpipe export bedgraph run1 --head rna_seq -r 128 --tracks liver --gzip -o bedgraph/
@@ -252,7 +256,7 @@ def export_bedgraph(out: Path, patterns: tuple[str, ...], head: str | None, reso
     from agpipe.io.export import export_bedgraph as write_bedgraphs
 
     run = _open_run(out)
-    for path in write_bedgraphs(run, run.select(patterns or None, head, resolution), out_dir, gzip=gzip):
+    for path in write_bedgraphs(run, run.select(patterns or None, head, resolution), out_dir, compressed=gzip):
         click.echo(path)
 
 
@@ -263,7 +267,9 @@ def export_bedgraph(out: Path, patterns: tuple[str, ...], head: str | None, reso
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
 @user_errors
 def plot(out: Path, region: str, patterns: tuple[str, ...], head: str | None, resolution: int | None, output: Path) -> None:
-    """Plot tracks over a region as a PNG: one panel per track, genome coordinates below.
+    """Plot tracks over a region as a PNG.
+
+    One panel per track (at most 40), genome coordinates below.
 
     \b
       agpipe plot run1 --region chr1:1,000,001-1,200,000 --head atac -r 128 --tracks K562 -o k562.png

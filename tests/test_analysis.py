@@ -147,11 +147,17 @@ def test_query_agrees_with_the_files(run: Run, run_dir: Path, output: Output, co
     assert_same_table(run.query(region, head=output.head, resolution=output.resolution), expected)
 
 
+def test_run_outputs(run: Run) -> None:
+    assert run.outputs == OUTPUTS  # junctions and contact maps are not genome-binned outputs
+
+
 def test_query_edges(run: Run, run_dir: Path) -> None:
     atac_128 = Output("atac", 128)
     columns = run.select(head="atac", resolution=128).columns
     last = run.query("chr1:49,990-50,000", head="atac", resolution=128)
     assert last["start"].to_pylist() == [49_920] and last["end"].to_pylist() == [50_000]  # the clipped last bin
+    ((chrom, out_start),) = ALL_N_WINDOWS
+    assert (chrom, out_start) == ("chr2", 6_144)  # kept span [6144, 12288)
     skipped = run.query("chr2:7,001-12,000", head="atac", resolution=128)  # inside the all-N window
     assert skipped.num_rows == 0 and skipped.column_names == ["chrom", "start", "end", *columns]
     across = run.query("chr2:6,001-12,500", head="atac", resolution=128)
@@ -304,7 +310,7 @@ def test_bigwig_clipped_last_bins(run: Run, tmp_path: Path) -> None:
 def test_bedgraph_holds_every_finite_bin(run: Run, run_dir: Path, tmp_path: Path, compress: bool) -> None:
     output = Output("rna_seq", 128)
     selection = run.select("K562", head="rna_seq", resolution=128)
-    paths = export_bedgraph(run, selection, tmp_path, gzip=compress)
+    paths = export_bedgraph(run, selection, tmp_path, compressed=compress)
     assert [p.name for p in paths] == [
         f"rna_seq.128bp.EFO_0002067_polyA_plus_RNA-seq_{strand}.bedGraph{'.gz' if compress else ''}" for strand in "+-"
     ]

@@ -10,6 +10,7 @@ name order (the order bedGraphToBigWig and `sort -k1,1 -k2,2n` expect); bins tha
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import re
 import uuid
@@ -116,8 +117,10 @@ class _BedGraphWriter:
 
     _SCHEMA = pa.schema([("chrom", pa.string()), ("start", pa.int64()), ("end", pa.int64()), ("value", pa.float32())])
 
-    def __init__(self, path: Path, gzip: bool):
-        self._stream = pa.output_stream(str(path), compression="gzip" if gzip else None)
+    def __init__(self, path: Path, compressed: bool):
+        # Level 1: about 4x faster than gzip's default 6 on bedGraph text, for files ~10% larger
+        # (Arrow's own gzip stream uses level 9, over 10x slower).
+        self._stream = gzip.open(path, "wb", compresslevel=1) if compressed else pa.output_stream(str(path))
         # quoting "none" refuses (rather than quotes) a contig name holding a tab or newline.
         options = pyarrow.csv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
         self._writer = pyarrow.csv.CSVWriter(self._stream, self._SCHEMA, write_options=options)
@@ -139,9 +142,10 @@ def export_bigwig(run: Run, selection: Selection, out_dir: Path) -> list[Path]:
     return _export(run, selection, out_dir, ".bw", lambda path: _BigWigWriter(path, contigs))
 
 
-def export_bedgraph(run: Run, selection: Selection, out_dir: Path, gzip: bool = False) -> list[Path]:
-    """One bedGraph (.bedGraph, or .bedGraph.gz with gzip) per selected track in out_dir."""
-    return _export(run, selection, out_dir, ".bedGraph.gz" if gzip else ".bedGraph", lambda path: _BedGraphWriter(path, gzip))
+def export_bedgraph(run: Run, selection: Selection, out_dir: Path, compressed: bool = False) -> list[Path]:
+    """One bedGraph (.bedGraph, or gzip-compressed .bedGraph.gz) per selected track in out_dir."""
+    suffix = ".bedGraph.gz" if compressed else ".bedGraph"
+    return _export(run, selection, out_dir, suffix, lambda path: _BedGraphWriter(path, compressed))
 
 
 def _export(run: Run, selection: Selection, out_dir: Path, suffix: str, open_writer: Callable[[Path], _TrackWriter]) -> list[Path]:
