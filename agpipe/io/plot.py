@@ -48,6 +48,8 @@ def plot_region(run: Run, selection: Selection, region: Region, path: Path) -> t
     figure, axes = plt.subplots(n, 1, figsize=size, dpi=DPI, sharex=True, squeeze=False, layout="constrained")
     for ax, column, values in zip(axes[:, 0], selection.columns, grid):
         ax.stairs(values, edges, fill=True, baseline=0.0, color="#1f5fa8")  # each bin flat over its span; NaN: a gap
+        for lo, hi in _nan_runs(values):  # shaded, so a missing value does not read as zero
+            ax.axvspan(edges[lo], edges[hi], color="0.9", linewidth=0)
         ax.set_title(column, loc="left", fontsize=8, pad=2)
         ax.tick_params(labelsize=7)
         if not np.any(values < 0):  # predictions in data space: show them from zero
@@ -58,7 +60,8 @@ def plot_region(run: Run, selection: Selection, region: Region, path: Path) -> t
     bottom.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{int(x):,}"))
     bottom.set_xlabel(f"position on {region.chrom} (bp)", fontsize=8)
     shown = f"{resolution} bp bins" if display_bin == resolution else f"max per {display_bin:,} bp of {resolution} bp bins"
-    figure.suptitle(f"{region}   {selection.output.head}, {shown}", fontsize=10)
+    gaps = "   (grey: not predicted or not finite)" if np.isnan(grid).any() else ""
+    figure.suptitle(f"{region}   {selection.output.head}, {shown}{gaps}", fontsize=10)
 
     with atomic_files([path]) as (temp,):
         figure.savefig(temp, format="png", dpi=DPI)  # no bbox_inches="tight": the size stays as stated
@@ -85,3 +88,9 @@ def _max_per_display_bin(edges: np.ndarray, grid: np.ndarray, factor: int) -> tu
     padded = np.pad(grid, ((0, 0), (0, -bins % factor)), constant_values=np.nan)
     maxima = np.fmax.reduce(padded.reshape(grid.shape[0], -1, factor), axis=2)  # fmax skips NaN
     return np.append(edges[:-1:factor], edges[-1]), maxima
+
+
+def _nan_runs(values: np.ndarray) -> np.ndarray:
+    """(start, stop) index pairs of the runs of NaN in values."""
+    missing = np.concatenate([[0], np.isnan(values).astype(np.int8), [0]])
+    return np.flatnonzero(np.diff(missing)).reshape(-1, 2)
