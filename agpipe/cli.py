@@ -225,5 +225,185 @@ def finish(summary) -> None:
         raise UserError(summary.error or "the run did not complete")
 
 
+
+# ---------------------------------------------------------------- analysis: tracks, query, export, plot
+
+TABLE_ROWS_SHOWN = 40  # a terminal table longer than this shows its first and last rows
+
+
+def _open_run(out: Path):
+    from agpipe.io.results import open_run
+
+    run = open_run(out)
+    status = run.manifest.get("status")
+    if status not in (None, "complete"):
+        click.echo(f"agpipe: note: {out} has status {status!r}: only its finished windows have predictions", err=True)
+    return run
+
+
+def _track_options(fn):
+    """--tracks, --head and --resolution: which tracks of which output (shared by query, export, plot)."""
+    options = [
+        click.option(
+            "-t", "--tracks", "patterns", multiple=True, metavar="PATTERN",
+            help="Tracks whose column, name, assay, biosample or ontology CURIE contains PATTERN (text or "
+            "regex, any case); an exact column name picks that track alone. Repeat for more. Default: all.",
+        ),
+        click.option("--head", default=None, help="Head to read (atac, rna_seq, ...; see `agpipe tracks`)."),
+        click.option("-r", "--resolution", type=int, default=None, help="Resolution in bp, when the head has several."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _text_table(table, max_rows: int | None = None) -> str:
+    """A pyarrow table as aligned text; with max_rows, long tables show their first and last rows."""
+    rows = table.num_rows
+    if max_rows is not None and rows > max_rows:
+        half = max_rows // 2
+        shown = [*table.slice(0, half).to_pylist(), None, *table.slice(rows - half).to_pylist()]
+    else:
+        shown = table.to_pylist()
+    names = table.column_names
+    cells = [[("" if row[n] is None else f"{row[n]:.6g}" if isinstance(row[n], float) else str(row[n])) for n in names] if row else ["..."] * len(names) for row in shown]
+    widths = [max([len(n), *(len(c[i]) for c in cells)]) for i, n in enumerate(names)]
+    numeric = [t in ("int64", "float", "double", "halffloat") for t in map(str, table.schema.types)]
+    lines = []
+    for line in [names, *cells]:
+        lines.append("  ".join(c.rjust(w) if right else c.ljust(w) for c, w, right in zip(line, widths, numeric)).rstrip())
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("-s", "--search", default=None, metavar="TEXT", help="Text or regex (any case) in the column, name, assay, biosample or ontology CURIE.")
+@click.option("--head", default=None, help="Only this head.")
+@click.option("-r", "--resolution", type=int, default=None, help="Only this resolution (bp).")
+@user_errors
+def tracks(out: Path, search: str | None, head: str | None, resolution: int | None) -> None:
+    """List a run's tracks and the columns that hold them.
+
+    \b
+      agpipe tracks run1 --search K562
+      agpipe tracks run1 --head atac --search 'CL:00000(84|47)'
+    """
+    found = _open_run(out).find_tracks(search, head, resolution)
+    columns = ["head", "resolution", "column", "name", "strand", "assay", "biosample", "ontology_curie"]
+    click.echo(_text_table(found.select(columns)))
+    click.echo(f"{found.num_rows} tracks", err=True)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--region", required=True, help="CHROM, CHROM:START-END or CHROM:POS; 1-based and inclusive like the UCSC browser, commas allowed.")
+@_track_options
+@click.option("-f", "--format", "fmt", type=click.Choice(["table", "csv", "parquet"]), default="table", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="File to write (all rows). Default: stdout.")
+@user_errors
+def query(out: Path, region: str, patterns: tuple[str, ...], head: str | None, resolution: int | None, fmt: str, output: Path | None) -> None:
+    """Predicted values of tracks over a region.
+
+    Columns: chrom, start, end (0-based, half-open, as stored) and one per track; one row per bin
+    overlapping the region.
+
+    \b
+      agpipe query run1 --region chr1:1,000,001-1,010,000 --head atac -r 128 --tracks K562
+      agpipe query run1 --region chrX --head dnase -r 128 -f parquet -o chrX.parquet
+    """
+    import pyarrow.csv
+    import pyarrow.parquet as pq
+
+    from agpipe.io.export import atomic_files
+
+    table = _open_run(out).query(region, patterns or None, head, resolution)
+    if output is None:
+        if fmt == "parquet":
+            raise UserError("--format parquet writes a file: add -o FILE")
+        if fmt == "csv":
+            pyarrow.csv.write_csv(table, sys.stdout.buffer)
+        else:
+            click.echo(_text_table(table, TABLE_ROWS_SHOWN))
+            if table.num_rows > TABLE_ROWS_SHOWN:
+                click.echo(f"{table.num_rows:,} rows; all of them: --format csv, or -o FILE", err=True)
+        return
+    with atomic_files([output]) as (temp,):
+        if fmt == "parquet":
+            pq.write_table(table, temp, compression="zstd")
+        elif fmt == "csv":
+            pyarrow.csv.write_csv(table, temp)
+        else:
+            temp.write_text(_text_table(table) + "\n", encoding="utf-8")
+    click.echo(f"wrote {output} ({table.num_rows:,} rows, {table.num_columns - 3} tracks)", err=True)
+
+
+@main.group()
+def export() -> None:
+    """Write tracks as genome-browser files, one per track."""
+
+
+@export.command("bigwig")
+@click.argument("out", type=click.Path(path_type=Path))
+@_track_options
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for the files.")
+@user_errors
+def export_bigwig(out: Path, patterns: tuple[str, ...], head: str | None, resolution: int | None, out_dir: Path) -> None:
+    """One bigWig per track.
+
+    Fixed-step records at the output's resolution, zoom levels for browsing whole contigs, the
+    run's contigs in the header. Names: <head>.<r>bp.<column>.bw.
+
+    \b
+      agpipe export bigwig run1 --head atac -r 128 --tracks K562 -o bigwig/
+    """
+    from agpipe.io.export import export_bigwig as write_bigwigs
+
+    run = _open_run(out)
+    for path in write_bigwigs(run, run.select(patterns or None, head, resolution), out_dir):
+        click.echo(path)
+
+
+@export.command("bedgraph")
+@click.argument("out", type=click.Path(path_type=Path))
+@_track_options
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for the files.")
+@click.option("--gzip", is_flag=True, help="Write .bedGraph.gz.")
+@user_errors
+def export_bedgraph(out: Path, patterns: tuple[str, ...], head: str | None, resolution: int | None, out_dir: Path, gzip: bool) -> None:
+    """One bedGraph per track.
+
+    chrom, start, end, value: tab-separated, sorted, no header line.
+
+    \b
+      agpipe export bedgraph run1 --head rna_seq -r 128 --tracks liver --gzip -o bedgraph/
+    """
+    from agpipe.io.export import export_bedgraph as write_bedgraphs
+
+    run = _open_run(out)
+    for path in write_bedgraphs(run, run.select(patterns or None, head, resolution), out_dir, compressed=gzip):
+        click.echo(path)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--region", required=True, help="CHROM, CHROM:START-END or CHROM:POS (1-based, inclusive, commas allowed).")
+@_track_options
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
+@user_errors
+def plot(out: Path, region: str, patterns: tuple[str, ...], head: str | None, resolution: int | None, output: Path) -> None:
+    """Plot tracks over a region as a PNG.
+
+    One panel per track (at most 40), genome coordinates below.
+
+    \b
+      agpipe plot run1 --region chr1:1,000,001-1,200,000 --head atac -r 128 --tracks K562 -o k562.png
+    """
+    from agpipe.io.plot import plot_region
+
+    run = _open_run(out)
+    width, height = plot_region(run, run.select(patterns or None, head, resolution), run.region(region), output)
+    click.echo(f"wrote {output} ({width} x {height} px)", err=True)
+
+
 if __name__ == "__main__":
     sys.exit(main())
