@@ -215,6 +215,7 @@ class Recorder:
         self.summary = RunSummary(job.options.out, "running", status_counts(records))
         self.saved = time.monotonic()
         self.unsaved = 0  # windows finished since the last save
+        self.first_window_seconds: float | None = None  # from the command's start to its first window
 
     def follow(self, stream: WindowStream, todo: int, progress: bool, log: Callable[[str], None]) -> None:
         """Records every window the stream finishes, saving as it goes; stops the stream on a
@@ -223,6 +224,8 @@ class Recorder:
         errors = 0
         with tqdm(total=todo, unit="window", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
             for window, outcome in stream:
+                if self.first_window_seconds is None:
+                    self.first_window_seconds = time.monotonic() - self.started
                 if isinstance(outcome, WrittenWindow):
                     record = outcome.record
                     s.compute_seconds += outcome.compute_seconds
@@ -301,6 +304,7 @@ class Recorder:
                 "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "wall_seconds": round(s.wall_seconds, 3),
                 "compute_seconds": round(s.compute_seconds, 3),
+                "first_window_seconds": None if self.first_window_seconds is None else round(self.first_window_seconds, 3),
                 "device": s.device,
             },
             "error": s.error,

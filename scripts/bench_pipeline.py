@@ -1,0 +1,210 @@
+"""Whole-pipeline throughput and multi-GPU scaling: `agpipe run` on a synthetic genome of realistic
+shape, on 1, 2, 4 ... GPUs of this host, with the default outputs (seven track heads at 128 bp).
+
+    python scripts/bench_pipeline.py --gpus 1,2 --genome-mb 120
+
+Generates the genome (contigs of varied length, N runs and gaps, soft-masked stretches) and random
+official-size weights on this machine, runs the real command once per GPU count, samples GPU
+utilization with nvidia-smi while it runs, and reports windows/s, bases/s, GPU busy fraction, bytes
+written/s, time to first window, scaling efficiency, whether runs on different GPU counts wrote
+identical values, and the projection for a 3.1 Gb genome. JSON goes to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HG38_BASES = 3.1e9
+
+
+def synthetic_genome(path: Path, total_mb: int, seed: int = 0) -> list[tuple[str, int]]:
+    """Contigs from 40 Mb down to 50 kb scaffolds, N gaps (some longer than a window), telomeric
+    N runs, soft-masked repeats: the shape of a real assembly, written as plain FASTA."""
+    rng = np.random.default_rng(seed)
+    sizes = []
+    remaining = total_mb * 1_000_000
+    for mb in (40, 30, 20, 15, 10, 5, 2, 1):
+        if remaining <= 0:
+            break
+        size = min(int(mb * 1e6 * rng.uniform(0.8, 1.2)), remaining)
+        sizes.append(size)
+        remaining -= size
+    while remaining > 0:
+        size = min(int(rng.uniform(5e4, 5e5)), remaining)
+        sizes.append(size)
+        remaining -= size
+    bases = np.frombuffer(b"ACGT", np.uint8)
+    contigs = []
+    with open(path, "wb") as f:
+        for i, size in enumerate(sizes):
+            seq = bases[rng.choice(4, size, p=[0.295, 0.205, 0.205, 0.295])]
+            seq[: min(10_000, size // 10)] = ord("N")  # telomere
+            for _ in range(max(1, size // 5_000_000)):  # gaps, one in five longer than a window
+                start = rng.integers(0, size)
+                seq[start : start + (rng.integers(600_000, 900_000) if rng.random() < 0.2 else rng.integers(100, 50_000))] = ord("N")
+            for _ in range(size // 20_000):  # soft-masked repeats
+                start = rng.integers(0, size)
+                span = seq[start : start + rng.integers(100, 6_000)]
+                span[span != ord("N")] |= 0x20  # lowercase
+            name = f"chr{i + 1}" if i < 8 else f"scaffold_{i - 7}"
+            f.write(f">{name}\n".encode())
+            body = seq.tobytes()
+            f.write(b"\n".join(body[j : j + 80] for j in range(0, size, 80)) + b"\n")
+            contigs.append((name, size))
+    return contigs
+
+
+def official_weights(path: Path) -> None:
+    from agpipe.model.checkpoint import official_to_ours, random_official_tree, save_weights
+    from agpipe.model.config import OFFICIAL
+    from agpipe.model.metadata import synthetic_metadata
+
+    params, state = random_official_tree(OFFICIAL, seed=0)
+    save_weights(path, official_to_ours(params, state, OFFICIAL), OFFICIAL, synthetic_metadata(OFFICIAL).to_json())
+
+
+class GpuSampler:
+    """nvidia-smi utilization samples (every 200 ms) while a run is going."""
+
+    def __init__(self, gpus: int):
+        self.gpus, self.samples, self.stop = gpus, [], threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def loop(self) -> None:
+        while not self.stop.is_set():
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"], capture_output=True, text=True
+            ).stdout.split()
+            self.samples.append((time.monotonic(), [float(u) for u in out[: self.gpus]]))
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def run_pipeline(genome: Path, weights: Path, out: Path, gpus: int, window: int, cpus: int) -> dict:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
+    cmd = [sys.executable, "-m", "agpipe.cli", "run", str(genome), "--weights", str(weights), "--out", str(out),
+           "--window", str(window), "--num-cpus", str(cpus), "--parity-sample", "0"]
+    help_text = subprocess.run([sys.executable, "-m", "agpipe.cli", "run", "--help"], capture_output=True, text=True, env=env).stdout
+    if "--parity-sample" not in help_text:
+        cmd = cmd[:-2]
+    t0 = time.monotonic()
+    with GpuSampler(gpus) as sampler:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"agpipe run on {gpus} GPU(s) failed:\n{proc.stderr[-3000:]}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    timings = manifest["timings"]
+    first = timings.get("first_window_seconds") or 0.0
+    windows = pq.read_table(out / "windows.parquet").to_pylist()
+    done = [w for w in windows if w["status"] == "done"]
+    bases = sum(w["out_end"] - w["out_start"] for w in done)
+    written = sum(p["bytes"] for w in windows for p in (w.get("parts") or []))
+    steady = wall - first  # after the first window: compile and start-up are behind us
+    busy = [np.mean(u) for t, u in sampler.samples if t - t0 > first + 1.0]
+    return {
+        "gpus": gpus,
+        "windows": len(windows),
+        "windows_done": len(done),
+        "windows_skipped": sum(w["status"] == "skipped_all_n" for w in windows),
+        "bases": bases,
+        "wall_s": wall,
+        "first_window_s": first,
+        "steady_s": steady,
+        "windows_per_s": len(done) / steady,
+        "bases_per_s": bases / steady,
+        "bytes_written": written,
+        "bytes_written_per_s": written / steady,
+        "gpu_busy_fraction": float(np.mean(busy)) / 100 if busy else None,
+        "model_seconds": timings.get("compute_seconds"),
+        "model_only_windows_per_s": len(done) / timings["compute_seconds"] * gpus if timings.get("compute_seconds") else None,
+        "stderr_tail": proc.stderr[-1500:],
+    }
+
+
+def same_values(a: Path, b: Path) -> bool:
+    """Every prediction part file holds the same values in both runs (bit for bit)."""
+    parts = sorted(p.relative_to(a) for p in (a / "predictions").rglob("*.parquet"))
+    for rel in parts:
+        if not pq.read_table(a / rel).equals(pq.read_table(b / rel)):
+            return False
+    return bool(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpus", default="1,2")
+    ap.add_argument("--genome-mb", type=int, default=120)
+    ap.add_argument("--window", type=int, default=524288)
+    ap.add_argument("--work", default="/tmp/agpipe-bench")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    genome, weights = work / "genome.fa", work / "weights.safetensors"
+    t = time.monotonic()
+    contigs = synthetic_genome(genome, args.genome_mb)
+    print(f"genome: {len(contigs)} contigs, {sum(c[1] for c in contigs) / 1e6:.0f} Mb ({time.monotonic() - t:.0f} s)", flush=True)
+    if not weights.exists():
+        t = time.monotonic()
+        official_weights(weights)
+        print(f"weights: {weights.stat().st_size / 2**30:.2f} GiB ({time.monotonic() - t:.0f} s)", flush=True)
+    cpus = os.cpu_count() or 16
+    rows = []
+    for gpus in (int(g) for g in args.gpus.split(",")):
+        out = work / f"run-{gpus}gpu"
+        subprocess.run(["rm", "-rf", str(out)])
+        row = run_pipeline(genome, weights, out, gpus, args.window, cpus)
+        rows.append(row)
+        print(
+            f"{gpus} GPU: {row['windows_done']} windows in {row['wall_s']:.0f} s (first window at {row['first_window_s']:.0f} s); "
+            f"steady {row['windows_per_s']:.2f} windows/s, {row['bases_per_s'] / 1e6:.1f} Mb/s, GPU busy "
+            f"{row['gpu_busy_fraction'] if row['gpu_busy_fraction'] is None else round(row['gpu_busy_fraction'], 2)}, "
+            f"{row['bytes_written_per_s'] / 1e6:.0f} MB/s written; model-only {row['model_only_windows_per_s']:.2f} windows/s",
+            flush=True,
+        )
+    base = rows[0]
+    for row in rows:
+        row["scaling_efficiency"] = row["windows_per_s"] / (base["windows_per_s"] * row["gpus"] / base["gpus"])
+        row["end_to_end_over_model_only"] = row["windows_per_s"] / row["model_only_windows_per_s"] if row["model_only_windows_per_s"] else None
+        row["hg38_projection_hours"] = HG38_BASES / row["bases_per_s"] / 3600
+        if row is not base:
+            row["identical_to_first"] = same_values(work / f"run-{base['gpus']}gpu", work / f"run-{row['gpus']}gpu")
+    print("\n| GPUs | windows/s | Mb/s | GPU busy | MB/s written | first window s | scaling | end-to-end / model-only | hg38 hours | same values |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['gpus']} | {r['windows_per_s']:.2f} | {r['bases_per_s'] / 1e6:.1f} | {r['gpu_busy_fraction']} | {r['bytes_written_per_s'] / 1e6:.0f} | "
+              f"{r['first_window_s']:.0f} | {r['scaling_efficiency']:.2f} | {r['end_to_end_over_model_only']} | {r['hg38_projection_hours']:.2f} | {r.get('identical_to_first', '-')} |")
+    import torch
+
+    card = torch.cuda.get_device_name()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"pipeline-{card.replace(' ', '_')}-{stamp}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"card": card, "window": args.window, "genome_mb": args.genome_mb, "cpus": cpus, "runs": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
