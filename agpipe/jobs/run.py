@@ -107,7 +107,7 @@ def run_job(
         execution = resolve_execution(options, int(resources.get("GPU", 0)), int(resources.get("CPU", 0)))
         if previous:
             check_same_precision(options.out, previous, execution.precision)
-        node_id, store_bytes = driver_node()
+        node_id, store_bytes, node_cpus = driver_node()
         with locked_run_folder(options.out, options.overwrite):
             records = {w.window_id: trusted.get(w.window_id) or pending_record(w) for w in job.windows()}
             run = Recorder(job, execution, records, started, command_line)
@@ -121,7 +121,8 @@ def run_job(
                     f"running {job.window_count - len(trusted)} windows on {execution.workers} worker(s) ({device}): "
                     f"{execution.precision}, batch {execution.batch_size}{', compiled' if execution.compile else ''}"
                 )
-                limit = windows_in_flight(execution, window_value_bytes(job, full_window(job)), store_bytes)
+                io_cpus = node_cpus - execution.workers * execution.worker_cpus  # if the workers share this node
+                limit = windows_in_flight(execution, window_value_bytes(job, full_window(job)), store_bytes, io_cpus)
                 todo = (w for w in job.windows() if w.window_id not in trusted)
                 stream = WindowStream(todo, workers, execution.batch_size, limit, io_tasks(job, node_id))
                 run.follow(stream, job.window_count - len(trusted), progress, log)
@@ -167,13 +168,13 @@ def ray_cluster(address: str | None, num_cpus: int | None) -> Iterator[None]:
         ray.shutdown()  # stops a local instance; only disconnects from a cluster
 
 
-def driver_node() -> tuple[str, float]:
-    """(node id, object store bytes) of the node this driver runs on: reading and writing run there."""
+def driver_node() -> tuple[str, float, int]:
+    """(node id, object store bytes, CPUs) of the node this driver runs on: reading and writing run there."""
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     if not node["Resources"].get("CPU"):
         raise RunError("the Ray node running agpipe has no CPUs for its reading and writing tasks: run agpipe on a node with CPUs")
-    return node_id, node["Resources"].get("object_store_memory", 0)
+    return node_id, node["Resources"].get("object_store_memory", 0), int(node["Resources"]["CPU"])
 
 
 def start_workers(job: Job, execution: Execution) -> tuple[list, str]:

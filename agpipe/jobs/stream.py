@@ -30,13 +30,15 @@ OBJECT_STORE_SHARE = 0.25  # of the driver node's object store, for predictions 
 TRACEBACK_LAST_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception): (.+)$")
 
 
-def windows_in_flight(execution: Execution, window_bytes: int, store_bytes: float) -> int:
+def windows_in_flight(execution: Execution, window_bytes: int, store_bytes: float, io_cpus: int) -> int:
     """How many windows may be between read and written at once: two batches per worker at the
-    model and two more per worker being read or written, fewer if their predictions would fill more
-    than OBJECT_STORE_SHARE of the object store, but never under a batch computing and one waiting."""
-    batch = execution.workers * execution.batch_size
+    model, plus one being read or written per CPU the driver's node has left for that (writing a
+    window takes far longer than computing it on a GPU: a 512 kb window's 128 bp tracks take ~40 ms
+    on an H100 and ~0.5 s to encode and compress), fewer if their predictions would fill more than
+    OBJECT_STORE_SHARE of the object store, but never under a batch computing and one waiting."""
+    at_model = BATCHES_PER_WORKER * execution.workers * execution.batch_size
     fits = int(store_bytes * OBJECT_STORE_SHARE) // max(1, window_bytes)
-    return max(BATCHES_PER_WORKER * batch, min(2 * BATCHES_PER_WORKER * batch, fits))
+    return max(at_model, min(at_model + max(at_model, io_cpus), fits))
 
 
 @functools.lru_cache(maxsize=4)
