@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=16384)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--out", default=None, help="write the report as JSON here")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="agpipe-official-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,9 @@ def main() -> None:
         ok &= r >= 0.9999 and close >= 0.99
     print(json.dumps(report, indent=1))
     print("PASS" if ok else "FAIL", f"({work})")
+    if args.out:
+        result = {"length": args.length, "seed": args.seed, "verdict": "pass" if ok else "fail", "outputs": report}
+        Path(args.out).write_text(json.dumps(result, indent=1))
     sys.exit(0 if ok else 1)
 
 

@@ -210,3 +210,26 @@ def test_demo_runs_queries_and_requeries(tmp_path, ray_address):
     assert "mean_dnase" in result.stdout and "chr4" in result.stdout
     result = invoke("demo", "--out", out)
     assert result.exit_code == 0 and "finished demo run" in result.stderr and "mean_dnase" in result.stdout
+
+
+def test_dry_run_reads_the_model_benchmark_for_the_official_model(tmp_path):
+    from types import SimpleNamespace
+
+    from agpipe.model.config import ALL_OUTPUTS, DEFAULT_OUTPUTS
+
+    (tmp_path / "model.json").write_text(json.dumps({
+        "card": "Test H100",
+        "results": [
+            {"impl": "eager-f32", "length": 524288, "outputs": "128", "ms": 999.0},
+            {"impl": "fast-bf16-flex-default", "length": 524288, "outputs": "128", "ms": 36.0},
+            {"impl": "fast-bf16-flex-default", "length": 524288, "outputs": "all", "ms": 87.0},
+        ],
+    }))
+
+    def job(outputs, config="official", window=524288):
+        return SimpleNamespace(outputs=outputs, options=SimpleNamespace(window=window), weights=SimpleNamespace(config_name=config))
+
+    assert estimate.measured_ms_per_window(job(DEFAULT_OUTPUTS), tmp_path) == (36.0, "Test H100, bfloat16 fast path, model.json")
+    assert estimate.measured_ms_per_window(job(ALL_OUTPUTS), tmp_path)[0] == 87.0
+    assert estimate.measured_ms_per_window(job(DEFAULT_OUTPUTS, config="small"), tmp_path) is None
+    assert estimate.measured_ms_per_window(job(DEFAULT_OUTPUTS, window=131072), tmp_path) is None

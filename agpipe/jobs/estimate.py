@@ -3,6 +3,7 @@
 GPU time comes only from measurements: benchmarks/results/*.json files holding at least
     {"window": 524288, "outputs": ["atac:128", ...], "config": "official", "ms_per_window": 812.0,
      "device": "NVIDIA H100 80GB HBM3", "precision": "bfloat16"}
+or the fast-path rows of scripts/bench_model.py's results (official model; outputs "all" or "128").
 The newest file (by modification time) matching the window size, outputs and model config is used.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from agpipe.io.parquet import CONTACT_MAPS, JUNCTIONS, kept_rows
 from agpipe.jobs.options import Job
+from agpipe.model.config import ALL_OUTPUTS
 from agpipe.jobs.plan import Window
 
 VALUE_BYTES = 4  # float32
@@ -43,9 +45,21 @@ def measured_ms_per_window(job: Job, results: Path | None = None) -> tuple[float
     results = results or BENCHMARK_RESULTS
     wanted = sorted(str(o) for o in job.outputs)
     files = sorted(results.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if results.is_dir() else []
+    output_sets = {
+        "all": sorted(str(o) for o in ALL_OUTPUTS),
+        "128": sorted(str(o) for o in ALL_OUTPUTS if o.resolution == 128),
+    }
     for path in files:
         try:
             result = json.loads(path.read_text())
+            for row in result.get("results", []):  # scripts/bench_model.py
+                if (
+                    row["impl"].startswith("fast")
+                    and row["length"] == job.options.window
+                    and output_sets.get(row["outputs"]) == wanted
+                    and job.weights.config_name == "official"
+                ):
+                    return float(row["ms"]), f"{result['card']}, bfloat16 fast path, {path.name}"
             matches = (result["window"], sorted(result["outputs"]), result["config"]) == (job.options.window, wanted, job.weights.config_name)
             if matches:
                 return float(result["ms_per_window"]), f"{result.get('device', '?')}, {result.get('precision', '?')}, {path.name}"
