@@ -104,3 +104,22 @@ def test_compiled_worker_predicts_what_the_eager_one_does(genome):
     for expected, got in zip(eager.predict(*batch[:2]) + [eager.predict(batch[2])], compiled.predict(*batch[:2]) + [compiled.predict(batch[2])]):
         np.testing.assert_allclose(got.tracks[ALL_OUTPUTS[1]], expected.tracks[ALL_OUTPUTS[1]], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got.contact_maps, expected.contact_maps, rtol=1e-4, atol=1e-5)
+
+
+def test_worker_computes_heads_only_over_the_kept_spans(genome):
+    """With the run's crop, per-position heads run over [crop, window - crop) only: same values."""
+    weights = demo_weights()
+    sha256 = load_weights(weights).sha256
+    outputs = ALL_OUTPUTS
+    windows = [w for w in plan_windows(genome.contigs, WINDOW, CROP)][:3]
+    full = ModelWorker(str(weights), sha256, "human", outputs, "float32", "cpu", False, 1, WINDOW)
+    cropped = ModelWorker(str(weights), sha256, "human", outputs, "float32", "cpu", False, 1, WINDOW, crop=CROP)
+    for w in windows:
+        encoded = encode_window(genome, w)
+        if isinstance(encoded, SkippedWindow):
+            continue
+        expected, got = full.predict(encoded), cropped.predict(encoded)
+        assert set(got.tracks) == set(expected.tracks)
+        for output in expected.tracks:
+            np.testing.assert_allclose(got.tracks[output], expected.tracks[output], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.contact_maps, expected.contact_maps, rtol=1e-5, atol=1e-6)

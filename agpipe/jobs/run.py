@@ -192,7 +192,7 @@ def start_workers(job: Job, execution: Execution) -> tuple[list, str]:
     workers = [
         actor.remote(
             str(job.weights.path), job.weights.sha256, o.organism, job.outputs, execution.precision,
-            execution.device, execution.compile, execution.batch_size, o.window, threads,
+            execution.device, execution.compile, execution.batch_size, o.window, threads, job.crop,
         )
         for _ in range(execution.workers)
     ]

@@ -102,6 +102,7 @@ class ModelWorker:
         batch_size: int,
         window: int,
         threads: int | None = None,
+        crop: int = 0,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -114,6 +115,9 @@ class ModelWorker:
         # Compiled models get batches of one shape (short batches padded), so they compile once.
         self.model = torch.compile(model, dynamic=False) if compile_model else model
         self.pad_to = batch_size if compile_model else None
+        # Per-position heads only over [crop, window - crop): every window's kept span lies inside it
+        # (a contig's last window keeps less), and heads are pointwise, so this equals cropping after.
+        self.keep = (crop, window - crop) if crop else None
         self.code_one_hot = torch.from_numpy(CODE_ONE_HOT).to(self.device)
         self.batches = 0
         self.exit_on_batch = os.environ.get(EXIT_ON_BATCH_ENV)
@@ -151,8 +155,9 @@ class ModelWorker:
         if self.pad_to and len(codes) < self.pad_to:
             codes = np.concatenate([codes, np.zeros((self.pad_to - len(codes), codes.shape[1]), np.uint8)])
         x = self.code_one_hot[torch.from_numpy(codes).to(self.device).long()]
-        out = self.model(x)
-        return [kept_outputs(out, i, w) for i, w in enumerate(windows)]
+        out = self.model(x, keep=self.keep)
+        first = self.keep[0] if self.keep else 0
+        return [kept_outputs(out, i, w, first) for i, w in enumerate(windows)]
 
     def _exit_if_asked(self) -> None:
         if not self.exit_on_batch:
@@ -163,9 +168,11 @@ class ModelWorker:
             os._exit(1)
 
 
-def kept_outputs(out: dict[Output, torch.Tensor | JunctionPredictions], i: int, window: Window) -> WindowPrediction:
+def kept_outputs(
+    out: dict[Output, torch.Tensor | JunctionPredictions], i: int, window: Window, first: int = 0
+) -> WindowPrediction:
     """Batch item i of the model's outputs, cropped on the device to what the window writes and
-    copied to the host (without timings)."""
+    copied to the host (without timings). Per-position outputs start `first` bases into the window."""
     nonfinite: list[torch.Tensor] = []  # counts stay on the device: one sync at the end
     tracks: dict[Output, np.ndarray] = {}
     maps = positions = pairs = None
@@ -181,7 +188,8 @@ def kept_outputs(out: dict[Output, torch.Tensor | JunctionPredictions], i: int, 
             nonfinite.append((~torch.isfinite(square[upper])).sum())  # the upper triangle is what is written
             maps = square.cpu().numpy()
         else:
-            kept = values[i, rows.start : rows.stop].float()
+            skip = first // output.resolution
+            kept = values[i, rows.start - skip : rows.stop - skip].float()
             nonfinite.append((~torch.isfinite(kept)).sum())
             tracks[output] = kept.cpu().numpy()
     return WindowPrediction(window, tracks, maps, positions, pairs, int(torch.stack(nonfinite).sum()) if nonfinite else 0)

@@ -212,6 +212,7 @@ def load_model(
     configure_backends(precision)
     model = AlphaGenome(weights.cfg)
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.tensors.items()}, strict=True)
-    model.prepare_(organism, outputs, tracks, precision)
+    # The fused FlexAttention kernel on GPUs; on the CPU it would run unfused, slower than the reference.
+    model.prepare_(organism, outputs, tracks, precision, flex_attention=torch.device(device).type == "cuda")
     return model.to(device).eval(), metadata
 
