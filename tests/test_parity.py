@@ -4,7 +4,6 @@ perturbed or NaN tensor in our weights and a corrupted value in a part file do n
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 

@@ -70,7 +70,7 @@ class Comparison:
     output: Output
     agreement: Agreement
     checks: dict[str, bool]  # CHECKS -> passed
-    unmatched_rows: int  # junctions: pairs on one side only (not a failure: site selection may differ)
+    unmatched_rows: int  # rows on one side only: a layout failure, except for junctions (site selection may differ)
     part_intact: bool  # the part file still has the size and sha256 the run recorded
     points: np.ndarray  # (n, 2) sampled (reference, ours) values, for the plots
     tolerance_used: np.ndarray  # |ours - ref| / (atol + rtol * |ref|) of the sampled values
@@ -174,10 +174,13 @@ def read_written(out: Path, window: Window, output: Output) -> Rows:
     table = pq.read_table(out / part_path(output, window.chrom, window.window_id))
     keys = {JUNCTIONS: JUNCTION_KEYS, CONTACT_MAPS: CONTACT_MAP_KEYS}.get(output, PREDICTION_KEYS)
     columns = table.column_names[len(keys) :]
-    values = np.stack([table[c].to_numpy(zero_copy_only=False).astype(np.float32, copy=False) for c in columns], axis=1) if columns else np.zeros((table.num_rows, 0), np.float32)
+    values = np.zeros((table.num_rows, len(columns)), np.float32)
+    for k, column in enumerate(columns):  # float16 files read back as float32
+        values[:, k] = table[column].to_numpy(zero_copy_only=False)
     if output == JUNCTIONS:
         strand = (table["strand"].to_numpy(zero_copy_only=False) == "-").astype(np.int64)
-        return Rows(junction_keys(table["donor"].to_numpy() - window.start, table["acceptor"].to_numpy() - window.start, strand), values)
+        donor, acceptor = (table[c].to_numpy() - window.start for c in ("donor", "acceptor"))
+        return Rows(junction_keys(donor, acceptor, strand), values)
     if output == CONTACT_MAPS:
         size = CONTACT_MAPS.resolution
         i, j = ((table[c].to_numpy() - window.start) // size for c in ("bin_start_i", "bin_start_j"))
@@ -213,7 +216,9 @@ def pair_keys(i: np.ndarray, j: np.ndarray, window: Window) -> np.ndarray:
     return i.astype(np.int64) * bins + j.astype(np.int64)
 
 
-def compare_output(out: Path, record: WindowRecord, output: Output, reference: WindowPrediction, thresholds: Thresholds, rng: np.random.Generator) -> Comparison:
+def compare_output(
+    out: Path, record: WindowRecord, output: Output, reference: WindowPrediction, thresholds: Thresholds, rng: np.random.Generator
+) -> Comparison:
     """One window x one output: the written rows against the reference's, matched by key.
 
     Tracks and contact maps must have exactly the window's rows (the `layout` check); junctions are
@@ -221,27 +226,28 @@ def compare_output(out: Path, record: WindowRecord, output: Output, reference: W
     where probabilities are close to each other or to the threshold."""
     window = reference.window
     part = next((p for p in record.parts if p.path == part_path(output, window.chrom, window.window_id)), None)
+    intact = part is not None and validate_part(out, part)
     expected = reference_rows(reference, output)
     try:
-        written = read_written(out, window, output)
-    except (OSError, pa.ArrowException, KeyError):
+        written = read_written(out, window, output) if part is not None else None
+    except (OSError, pa.ArrowException, KeyError):  # missing, unreadable, or without its key columns
         written = None
-    if part is None or written is None or written.values.shape[1] != expected.values.shape[1]:
-        empty = agreement(np.zeros((0, 0)), np.zeros((0, 0)), thresholds.atol, thresholds.rtol)
-        return Comparison(window, output, empty, checks(empty, False, thresholds), 0, part is not None and validate_part(out, part), np.zeros((0, 2)), np.zeros(0))
+    if written is None or written.values.shape[1] != expected.values.shape[1]:
+        nothing = agreement(np.zeros((0, 0)), np.zeros((0, 0)), thresholds.atol, thresholds.rtol)
+        return Comparison(window, output, nothing, checks(nothing, False, thresholds), len(expected.keys), intact, np.zeros((0, 2)), np.zeros(0))
     if np.array_equal(written.keys, expected.keys):
         ours, theirs = written.values, expected.values
     else:
         _, mine, its = np.intersect1d(written.keys, expected.keys, return_indices=True)
         ours, theirs = written.values[mine], expected.values[its]
-    matched = len(ours)
-    unmatched = len(written.keys) + len(expected.keys) - 2 * matched
+    unmatched = len(written.keys) + len(expected.keys) - 2 * len(ours)
     layout = output == JUNCTIONS or (unmatched == 0 and len(np.unique(written.keys)) == len(written.keys))
-    block_rows = max(1, thresholds.bias_block_bp // output.resolution) if output not in (JUNCTIONS, CONTACT_MAPS) else 1
+    per_bin = output not in (JUNCTIONS, CONTACT_MAPS)
+    block_rows = max(1, thresholds.bias_block_bp // output.resolution) if per_bin else 1
     result = agreement(ours, theirs, thresholds.atol, thresholds.rtol, block_rows)
     points = sample_points(theirs, ours, rng)
     used = np.abs(points[:, 1] - points[:, 0]) / (thresholds.atol + thresholds.rtol * np.abs(points[:, 0]))
-    return Comparison(window, output, result, checks(result, layout, thresholds), unmatched if output == JUNCTIONS else 0, validate_part(out, part), points, used)
+    return Comparison(window, output, result, checks(result, layout, thresholds), unmatched, intact, points, used)
 
 
 def sample_points(reference: np.ndarray, ours: np.ndarray, rng: np.random.Generator) -> np.ndarray:

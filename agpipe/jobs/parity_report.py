@@ -115,7 +115,8 @@ def comparison_line(c: Comparison) -> str:
     a = c.agreement
     failed = [check for check in CHECKS if not c.checks[check]]
     region = cell(str(Region(c.window.chrom, c.window.out_start, c.window.out_end)))
-    values = f"{a.values:,}" + (f" (+{c.unmatched_rows:,} unmatched)" if c.unmatched_rows else "")
+    one_sided = f" ({c.unmatched_rows:,} row{'s' if c.unmatched_rows != 1 else ''} on one side only)" if c.unmatched_rows else ""
+    values = f"{a.values:,}{one_sided}"
     cells = [
         str(c.window.window_id), region, str(c.output), values, number(a.pearson, 6), number(a.max_abs_diff), number(a.mean_abs_diff),
         "-" if math.isnan(a.within) else f"{a.within:.2%}", number(a.max_scaled_error, 3), number(a.bias_z, 3), number(a.bias_relative, 2),

@@ -25,7 +25,7 @@ import ray
 
 from agpipe.io.fasta import open_genome
 from agpipe.io.parquet import MANIFEST_FILE, WindowRecord, read_json, read_windows_table, write_json_atomic
-from agpipe.jobs.parity import Comparison, ParityError, ParitySettings, compare_output, judge, load_thresholds, sample_windows
+from agpipe.jobs.parity import Comparison, ParityError, ParitySettings, Thresholds, compare_output, judge, load_thresholds, sample_windows
 from agpipe.jobs.parity_report import PARITY_DIR, REPORT_FILE, write_parity_folder
 from agpipe.jobs.plan import Window
 from agpipe.jobs.reference import ReferenceWorker, gpu_environment
@@ -92,7 +92,9 @@ def run_parity_stage(out: Path, settings: ParitySettings, device: str, cpus: int
     return record
 
 
-def start_reference(manifest: dict, settings: ParitySettings, outputs: Sequence[Output], precision: str, device: str, cpus: int) -> tuple:
+def start_reference(
+    manifest: dict, settings: ParitySettings, outputs: Sequence[Output], precision: str, device: str, cpus: int
+) -> tuple[ray.actor.ActorHandle, str]:
     """The reference actor, loaded and ready, and what it runs on."""
     gpu = device == "cuda"
     # On CPU, JAX must not take a GPU of the node for itself (a jax with CUDA would, by default).
@@ -113,11 +115,11 @@ def start_reference(manifest: dict, settings: ParitySettings, outputs: Sequence[
 def compare_sample(
     out: Path,
     genome_path: str,
-    contigs: list,
+    contigs: list[list],
     sample: Sequence[WindowRecord],
     outputs: Sequence[Output],
-    reference,
-    thresholds,
+    reference: ray.actor.ActorHandle,
+    thresholds: Thresholds,
     seed: int,
 ) -> list[Comparison]:
     """Each sampled window read from the genome as the run read it, through the reference, and

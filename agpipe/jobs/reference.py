@@ -1,10 +1,11 @@
 """The reference side of the parity stage: the JAX reference of the official model (agpipe.model.
 jax_reference) on one window at a time, cropped exactly as the run's model workers crop.
 
-`ReferenceWorker` is a plain class; agpipe.jobs.parity makes it a Ray actor (a share of a GPU, or
+`ReferenceWorker` is a plain class; agpipe.jobs.parity_stage makes it a Ray actor (a share of a GPU, or
 CPUs). It returns each window's predictions as a WindowPrediction built by the workers' own
 `kept_outputs`, so the kept rows, the kept square of the contact maps and the junctions between
-kept sites are chosen by the same code for both sides.
+kept sites are chosen by the same code for both sides. JAX is imported only where the reference
+runs, so `agpipe run` does not load it in the driver.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from agpipe.io.parquet import CONTACT_MAPS, JUNCTIONS
+from agpipe.io.parquet import JUNCTIONS
 from agpipe.jobs.worker import CODE_ONE_HOT, EncodedWindow, WindowPrediction, kept_outputs
 from agpipe.model.checkpoint import load_weights, official_to_ours, ours_to_official, read_orbax
 from agpipe.model.config import HEADS, ORGANISMS, ModelConfig, Output
