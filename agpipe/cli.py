@@ -250,7 +250,8 @@ def demo(out: Path, overwrite: bool) -> None:
 
     The demo genome has 4 contigs (3 Mb) with N runs and soft-masked repeats; the demo model is the
     real architecture in a small config. It runs on a local Ray instance (CPU float32 unless a GPU
-    is there), 131,072 bp windows, the default outputs. Rerunning re-queries a finished demo.
+    is there), 131,072 bp windows, the default outputs, and checks 4 windows against the JAX
+    reference. Rerunning re-queries a finished demo.
     """
     from agpipe.jobs.demo import demo_options, demo_report
     from agpipe.jobs.run import run_job
