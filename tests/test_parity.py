@@ -135,7 +135,8 @@ def test_clean_weights_pass(clean_run):
 def test_parity_command_checks_a_run_again_and_catches_a_corrupted_value(clean_run, tmp_path, ray_address):
     result = invoke("parity", clean_run, "--ray-address", ray_address)
     assert result.exit_code == 0, result.output
-    assert "parity pass:" in result.stderr and PARITY_FILES <= {p.name for p in (clean_run / "parity").iterdir()}
+    names = {p.name for p in (clean_run / "parity").iterdir()}
+    assert "parity pass:" in result.stderr and PARITY_FILES <= names and "scatter-dnase.png" in names
     manifest = read_json(clean_run / "manifest.json")
     assert manifest["parity"]["verdict"] == "pass" and manifest["parity"]["seed"] == 5  # the run's sample again
 
