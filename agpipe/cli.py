@@ -25,6 +25,30 @@ class UserError(click.ClickException):
         click.echo(f"agpipe: error: {self.message}", err=True)
 
 
+class ParityFailed(click.ClickException):
+    """The parity check's verdict is not `pass`: the output is not to be trusted. Exit code 3, so
+    scripts can tell it from a run that failed (2)."""
+
+    exit_code = 3
+
+    def show(self, file=None) -> None:
+        click.echo(f"agpipe: parity: {self.message}", err=True)
+
+
+class SampleSize(click.ParamType):
+    """A count of windows (4), a fraction of them (0.01), or 0."""
+
+    name = "N"
+
+    def convert(self, value, param, ctx) -> float:
+        from agpipe.jobs.parity import parse_sample
+
+        try:
+            return parse_sample(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
 def user_errors(fn):
     """Turns the library's one-line ValueError/OSError subclasses into UserError."""
     import functools
@@ -52,6 +76,7 @@ def main() -> None:
       agpipe demo                              the whole job on a bundled genome with a small model
       agpipe weights download                  fetch and convert the official weights (gated)
       agpipe run genome.fa --out run1          predict a genome; rerun the same command to resume
+      agpipe parity run1                       check a run against the JAX reference (again)
     """
 
 
@@ -162,12 +187,30 @@ def load_config(ctx: click.Context, param: click.Parameter, value: Path | None) 
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Windows per model call.  [default: 524288/window on GPU, 1 on CPU]")
 @click.option("--on-nonfinite", type=click.Choice(["flag", "fail"]), default="flag", show_default=True,
               help="NaN/Inf in predictions: count them in windows.parquet, or stop the run.")
+@click.option("--parity-sample", type=SampleSize(), default=4, show_default=True,
+              help="Windows checked against the JAX reference after the run: a count, a fraction of the done windows (0.01), or 0 for none.")
+@click.option("--parity-seed", type=int, default=None, help="Seed of the parity sample.  [default: random, recorded in the manifest]")
+@click.option("--reference-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Official Orbax checkpoint for the parity reference.  [default: the run's weights, mapped back to the official tree]")
+@click.option("--reference-precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Precision of the parity reference; auto: the run's.")
+@click.option("--fail-on-divergence/--no-fail-on-divergence", default=True, show_default=True,
+              help="Exit with code 3 when the parity verdict is not pass (--no-...: only report it).")
 @click.option("--ray-address", default=None, help="Ray cluster to run on.  [default: RAY_ADDRESS, else a local instance for this job]")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the local Ray instance.  [default: all]")
 @click.option("--overwrite", is_flag=True, help="Delete agpipe's files in the output folder and start afresh.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and its estimated size and GPU time; write nothing.")
 @user_errors
-def run(genome: Path | None, out: Path | None, dry_run: bool, ray_address: str | None, num_cpus: int | None, compile_model: bool | None, **options) -> None:
+def run(
+    genome: Path | None,
+    out: Path | None,
+    dry_run: bool,
+    ray_address: str | None,
+    num_cpus: int | None,
+    compile_model: bool | None,
+    fail_on_divergence: bool,
+    **options,
+) -> None:
     """Predict a genome: FASTA in, Parquet out (see docs/output-format.md).
 
     \b
@@ -176,6 +219,8 @@ def run(genome: Path | None, out: Path | None, dry_run: bool, ray_address: str |
     agpipe run genome.fa --config configs/regions-1bp.yaml --regions my.bed --out run2
 
     Rerunning the same command resumes: windows already written (and intact) are skipped.
+    After the run, a sample of windows is checked against the JAX reference (docs/parity.md); a
+    verdict other than pass exits with code 3.
     """
     from agpipe.jobs.estimate import dry_run_report
     from agpipe.jobs.options import RunOptions, prepare_job
@@ -193,7 +238,7 @@ def run(genome: Path | None, out: Path | None, dry_run: bool, ray_address: str |
             check_run_folder(out, job.identity(), job.weights.sha256, run_options.overwrite)
         click.echo(dry_run_report(job))
         return
-    finish(run_job(run_options, ray_address=ray_address, num_cpus=num_cpus))
+    finish(run_job(run_options, ray_address=ray_address, num_cpus=num_cpus), fail_on_divergence)
 
 
 @main.command()
@@ -205,7 +250,8 @@ def demo(out: Path, overwrite: bool) -> None:
 
     The demo genome has 4 contigs (3 Mb) with N runs and soft-masked repeats; the demo model is the
     real architecture in a small config. It runs on a local Ray instance (CPU float32 unless a GPU
-    is there), 131,072 bp windows, the default outputs. Rerunning re-queries a finished demo.
+    is there), 131,072 bp windows, the default outputs, and checks 4 windows against the JAX
+    reference. Rerunning re-queries a finished demo.
     """
     from agpipe.jobs.demo import demo_options, demo_report
     from agpipe.jobs.run import run_job
@@ -217,12 +263,59 @@ def demo(out: Path, overwrite: bool) -> None:
     click.echo(demo_report(out))
 
 
-def finish(summary) -> None:
-    """Prints a run's closing summary; a run that did not complete exits non-zero with its error."""
+def finish(summary, fail_on_divergence: bool = True) -> None:
+    """Prints a run's closing summary; a run that did not complete exits non-zero with its error,
+    and so does one whose parity verdict is not pass (unless told only to report it)."""
     for line in summary.lines():
         click.echo(line, err=True)
     if summary.status != "complete":
         raise UserError(summary.error or "the run did not complete")
+    if fail_on_divergence and summary.parity is not None and summary.parity["verdict"] != "pass":
+        raise ParityFailed(f"{summary.parity['verdict']}: the output is not to be trusted; see {summary.out / summary.parity['report']}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--sample", type=SampleSize(), default=None,
+              help="Windows to check: a count, or a fraction of the done windows (0.01).  [default: as the run's last check, else 4]")
+@click.option("--seed", type=int, default=None, help="Seed of the sample.  [default: as the run's last check, else random]")
+@click.option("--reference-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Official Orbax checkpoint for the reference.  [default: as the run's last check, else the run's weights]")
+@click.option("--reference-precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
+              help="Precision of the reference; auto: the run's.  [default: as the run's last check]")
+@click.option("--ray-address", default=None, help="Ray cluster to run on.  [default: RAY_ADDRESS, else a local instance]")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the local Ray instance.  [default: all]")
+@click.option("--fail-on-divergence/--no-fail-on-divergence", default=True, show_default=True,
+              help="Exit with code 3 when the verdict is not pass (--no-...: only report it).")
+@user_errors
+def parity(
+    out: Path,
+    sample: float | None,
+    seed: int | None,
+    reference_checkpoint: Path | None,
+    reference_precision: str | None,
+    ray_address: str | None,
+    num_cpus: int | None,
+    fail_on_divergence: bool,
+) -> None:
+    """Check a finished run against the JAX reference of the official model (again).
+
+    A seeded sample of windows, spread over the contigs (plus every window with NaN/Inf), is read
+    from the genome as the run read it, run through the reference, and compared with what the run
+    wrote. Writes OUT/parity/ (report.md, parity.parquet, plots) and the manifest's parity field.
+
+    \b
+      agpipe parity run1                              the run's check again (same sample)
+      agpipe parity run1 --sample 0.01 --seed 7       another sample: 1% of the windows
+      agpipe parity run1 --reference-checkpoint /ckpt/alphagenome --reference-precision float32
+    """
+    from agpipe.jobs.run import check_run
+
+    record = check_run(out, sample, seed, reference_checkpoint, reference_precision, ray_address, num_cpus)
+    click.echo(f"parity {record['summary']}", err=True)
+    click.echo(f"report: {out / record['report']}", err=True)
+    if fail_on_divergence and record["verdict"] != "pass":
+        raise ParityFailed(f"{record['verdict']}: the output is not to be trusted; see {out / record['report']}")
 
 
 

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agpipe.model import jax_reference  # noqa: E402
+from agpipe.model.agreement import agreement  # noqa: E402
 from agpipe.model.alphagenome import AlphaGenome  # noqa: E402
 from agpipe.model.checkpoint import official_to_ours, random_official_tree  # noqa: E402
 from agpipe.model.config import ALL_OUTPUTS, HEADS, OFFICIAL  # noqa: E402
@@ -29,15 +30,15 @@ from agpipe.model.precision import BFLOAT16, configure_backends  # noqa: E402
 
 
 def criteria(ours: np.ndarray, theirs: np.ndarray, block: int) -> dict:
-    ours, theirs = ours.astype(np.float64), theirs.astype(np.float64)
-    diff = ours - theirs
-    blocks = diff.reshape(-1, block * diff.shape[-1]).mean(axis=1) if diff.ndim == 3 else diff.reshape(diff.shape[1], -1).mean(axis=1)
-    spread = blocks.std(ddof=1) / np.sqrt(blocks.size)
+    """The numerics tests' bf16 criteria (agpipe.model.agreement): rows are positions along the
+    sequence (pair maps: rows of the map), bias blocks of `block` positions."""
+    result = agreement(ours.reshape(ours.shape[0] * ours.shape[1], -1), theirs.reshape(theirs.shape[0] * theirs.shape[1], -1), 5e-2, 5e-2, block)
     return {
-        "pearson": float(np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]),
-        "within_5e-2": float((np.abs(diff) <= 5e-2 + 5e-2 * np.abs(theirs)).mean()),
-        "bias_z": float(blocks.mean() / spread) if spread > 0 else 0.0,
-        "max_abs": float(np.abs(diff).max()),
+        "pearson": result.pearson,
+        "within_5e-2": result.within,
+        "bias_z": result.bias_z,
+        "bias_relative": result.bias_relative,
+        "max_abs": result.max_abs_diff,
     }
 
 

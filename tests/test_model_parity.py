@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from agpipe.model import jax_reference
+from agpipe.model.agreement import agreement
 from agpipe.model.config import ALL_OUTPUTS, DEFAULT_OUTPUTS, HEADS, OFFICIAL, SMALL, Output
 from agpipe.model.heads import top_splice_sites
 from agpipe.model.precision import BFLOAT16, FLOAT32
@@ -137,10 +138,6 @@ def test_full_official_size_matches_reference():
     random_model.cache_clear()
 
 
-def pearson(a, b) -> float:
-    return float(np.corrcoef(np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel())[0, 1])
-
-
 @pytest.mark.parametrize("name", ["random", "n_gap", "dinucleotide_repeat"])
 def test_bfloat16_policy_matches_reference_bfloat16(name):
     """Our bf16 policy against the reference's official bf16 policy (evaluated op by op, no XLA
@@ -159,16 +156,12 @@ def test_bfloat16_policy_matches_reference_bfloat16(name):
         "pair": (emb.pair, ref_emb["embeddings_pair"], 0.999, 1),
     }
     for key, (ours, theirs, min_r, block) in pairs.items():
-        ours = ours.float().numpy().astype(np.float64)
-        theirs = np.asarray(jax.numpy.asarray(theirs, jax.numpy.float32), np.float64)
-        r = pearson(ours, theirs)
-        assert r >= min_r, f"{key}: Pearson {r:.6f} < {min_r}"
-        close = np.abs(ours - theirs) <= 5e-2 + 5e-2 * np.abs(theirs)
-        assert close.mean() >= 0.95, f"{key}: only {close.mean():.3%} within atol=rtol=5e-2"
-        # Neighbouring values share upstream roundings, so the differences are correlated along the
-        # sequence: the standard error comes from means over blocks of positions (batch means).
-        diff = ours - theirs
-        blocks = diff.reshape(diff.shape[0] * diff.shape[1] // block, -1).mean(axis=1)
-        spread = blocks.std(ddof=1) / np.sqrt(blocks.size)
-        z = blocks.mean() / spread if spread > 0 else 0.0 if blocks.mean() == 0 else np.inf
-        assert abs(z) <= 3, f"{key}: systematic bias, mean difference {diff.mean():.3g} is {z:.1f} standard errors from 0"
+        ours = ours.float().numpy()
+        theirs = np.asarray(jax.numpy.asarray(theirs, jax.numpy.float32))
+        # Rows are positions along the sequence (pair maps: rows of the map). Neighbouring values
+        # share upstream roundings, so the differences are correlated along the sequence: the bias
+        # test's standard error comes from means over blocks of positions (batch means).
+        result = agreement(ours.reshape(ours.shape[0] * ours.shape[1], -1), theirs.reshape(theirs.shape[0] * theirs.shape[1], -1), 5e-2, 5e-2, block)
+        assert result.pearson >= min_r, f"{key}: Pearson {result.pearson:.6f} < {min_r}"
+        assert result.within >= 0.95, f"{key}: only {result.within:.3%} within atol=rtol=5e-2"
+        assert abs(result.bias_z) <= 3, f"{key}: systematic bias, mean difference {result.bias:.3g} is {result.bias_z:.1f} standard errors from 0"

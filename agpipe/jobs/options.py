@@ -17,9 +17,10 @@ from pathlib import Path
 from agpipe.io.bed import read_regions
 from agpipe.io.fasta import contig_filter, open_genome
 from agpipe.io.parquet import TrackRow
+from agpipe.jobs.parity import DEFAULT_SAMPLE, parse_sample
 from agpipe.jobs.plan import DEFAULT_WINDOW, Window, check_window, default_crop, plan_windows
 from agpipe.jobs.writer import output_columns
-from agpipe.model.checkpoint import file_sha256, read_weights_header
+from agpipe.model.checkpoint import file_sha256, find_orbax_root, read_weights_header
 from agpipe.model.config import CONFIGS, ORGANISMS, Output, parse_outputs
 from agpipe.model.metadata import TrackMetadata
 from agpipe.model.precision import resolve_precision
@@ -51,6 +52,10 @@ class RunOptions:
     batch_size: int | None = None  # default: GPU_BATCH_BASES / window on GPU, 1 on CPU
     on_nonfinite: str = "flag"  # or "fail"
     overwrite: bool = False
+    parity_sample: float = DEFAULT_SAMPLE  # windows checked against the JAX reference: a count, a fraction (< 1), 0 for none
+    parity_seed: int | None = None  # default: drawn at random (and recorded)
+    reference_checkpoint: Path | None = None  # official Orbax checkpoint; default: the run's weights
+    reference_precision: str = "auto"  # auto (the run's), float32, bfloat16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,11 +120,15 @@ def prepare_job(options: RunOptions) -> Job:
         ("--precision", options.precision, ("auto", "bfloat16", "float32")),
         ("--on-nonfinite", options.on_nonfinite, ("flag", "fail")),
         ("--model", options.model, ("alphagenome", "demo")),
+        ("--reference-precision", options.reference_precision, ("auto", "float32", "bfloat16")),
     ):
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}: use {', '.join(allowed)}")
     if options.batch_size is not None and options.batch_size < 1:
         raise ValueError(f"--batch-size {options.batch_size} must be at least 1")
+    parse_sample(options.parity_sample)
+    if options.reference_checkpoint is not None:
+        find_orbax_root(options.reference_checkpoint)  # a wrong folder fails now, not after the run
     with open_genome(options.genome) as genome:
         genome_contigs = genome.contigs
     contigs = contig_filter(genome_contigs, options.contigs) if options.contigs else genome_contigs

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import secrets
 import shlex
 import sys
 import time
@@ -28,13 +29,17 @@ from tqdm import tqdm
 
 from agpipe import __version__
 from agpipe.io.parquet import MANIFEST_FILE, SCHEMA_VERSION, STATUSES, WindowRecord, write_json_atomic, write_tracks_table, write_windows_table
+from agpipe.io.results import open_run
 from agpipe.jobs.estimate import full_window, window_value_bytes
-from agpipe.jobs.options import Execution, Job, RunOptions, prepare_job, resolve_execution
+from agpipe.jobs.options import Execution, Job, RunOptions, cpu_workers, prepare_job, resolve_execution
+from agpipe.jobs.parity import DEFAULT_SAMPLE, ParityError, ParitySettings, parse_sample
+from agpipe.jobs.parity_stage import run_parity_stage
 from agpipe.jobs.plan import Window
-from agpipe.jobs.runfolder import check_run_folder, check_same_precision, locked_run_folder, trusted_windows
+from agpipe.jobs.runfolder import check_run_folder, check_same_precision, clear_parity_check, locked_run_folder, trusted_windows
 from agpipe.jobs.stream import WindowStream, error_line, io_tasks, windows_in_flight
 from agpipe.jobs.worker import EXIT_ON_BATCH_ENV, ModelWorker
 from agpipe.jobs.writer import WrittenWindow
+from agpipe.model.checkpoint import find_orbax_root
 
 # While running, windows.parquet and the manifest are rewritten after this many seconds or finished
 # windows, whichever comes first: a killed run loses at most that much work.
@@ -62,6 +67,7 @@ class RunSummary:
     nonfinite_total: int = 0
     device: str = ""
     error: str | None = None
+    parity: dict | None = None  # the manifest's parity field: this run's check, or the one recorded
 
     def lines(self) -> list[str]:
         c = self.counts
@@ -71,13 +77,20 @@ class RunSummary:
             f"{c['pending']} pending in {self.out}"
         ]
         if not self.wall_seconds:  # nothing was run
-            return lines
+            return lines + self.parity_lines()
         lines += [
             f"this run: {self.computed} windows, {self.bases:,} bases in {self.wall_seconds:.1f} s ({rate}); "
             f"model {self.compute_seconds:.1f} s{' on ' + self.device if self.device else ''}",
             f"written: {self.bytes_written / 1e6:,.1f} MB; non-finite values in the run: {self.nonfinite_total}",
         ]
-        return lines + ([f"error: {self.error}"] if self.error else [])
+        return lines + ([f"error: {self.error}"] if self.error else []) + self.parity_lines()
+
+    def parity_lines(self) -> list[str]:
+        if self.parity is not None:
+            return [f"parity {self.parity['summary']} (report: {self.out / self.parity['report']})"]
+        if self.status == "complete":
+            return [f"parity: not checked; `agpipe parity {self.out}` checks the run against the JAX reference"]
+        return []
 
 
 def run_job(
@@ -102,6 +115,7 @@ def run_job(
         return finish_resumed(job, previous, trusted, log)
     if trusted:
         log(f"resuming: {len(trusted)} of {job.window_count} windows are already done in {options.out}")
+    parity = run_parity_settings(options)
     with ray_cluster(ray_address, num_cpus):
         resources = ray.cluster_resources()
         execution = resolve_execution(options, int(resources.get("GPU", 0)), int(resources.get("CPU", 0)))
@@ -110,7 +124,8 @@ def run_job(
         node_id, store_bytes, node_cpus = driver_node()
         with locked_run_folder(options.out, options.overwrite):
             records = {w.window_id: trusted.get(w.window_id) or pending_record(w) for w in job.windows()}
-            run = Recorder(job, execution, records, started, command_line)
+            run = Recorder(job, execution, records, started, command_line, parity)
+            clear_parity_check(options.out)  # new windows: an earlier check no longer speaks for the run
             write_tracks_table(options.out, job.track_rows)
             run.save("running")
             workers: list = []
@@ -134,14 +149,69 @@ def run_job(
                 for worker in workers:  # frees their GPUs now, not when the driver exits
                     ray.kill(worker)
             run.save("complete" if run.finished() else "failed")
+            if parity is not None and run.summary.status == "complete":
+                run.summary.parity = run_parity_stage(options.out, parity, execution.device, execution.worker_cpus, log)
     return run.summary
+
+
+def run_parity_settings(options: RunOptions) -> ParitySettings | None:
+    """The run's parity check, None with --parity-sample 0; a seed is drawn if none is given."""
+    sample = parse_sample(options.parity_sample)
+    if not sample:
+        return None
+    seed = options.parity_seed if options.parity_seed is not None else secrets.randbelow(2**31)
+    return ParitySettings(sample, seed, options.reference_checkpoint, options.reference_precision)
+
+
+def check_run(
+    out: Path,
+    sample: float | None = None,
+    seed: int | None = None,
+    reference_checkpoint: Path | None = None,
+    reference_precision: str | None = None,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+) -> dict:
+    """`agpipe parity OUT`: checks a finished run (again) and returns the manifest's new parity field.
+    What is not given is taken from the run's last check, else from the run's own options."""
+    settings = recheck_settings(open_run(out).manifest, sample, seed, reference_checkpoint, reference_precision)
+    with ray_cluster(ray_address, num_cpus):
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        with locked_run_folder(out, overwrite=False):
+            return run_parity_stage(out, settings, "cuda" if gpus else "cpu", cpu_workers(cpus)[1], log)
+
+
+def recheck_settings(manifest: dict, sample: float | None, seed: int | None, reference_checkpoint: Path | None, reference_precision: str | None) -> ParitySettings:
+    """The settings of a new check of a run: those given, else its last check's, else its options'."""
+    if manifest.get("status") != "complete":
+        raise ParityError(f"the run is not complete (status {manifest.get('status')!r}): finish it first (rerun its command)")
+    config = manifest.get("config", {})
+    last = manifest.get("parity") or {}
+    if sample is None:
+        sample = last.get("sample") or config.get("parity_sample") or DEFAULT_SAMPLE
+    if not parse_sample(sample):
+        raise ParityError("--sample 0 checks nothing: give a count of windows (4) or a fraction of them (0.01)")
+    if seed is None:
+        seed = last.get("seed", config.get("parity_seed"))
+        seed = seed if seed is not None else secrets.randbelow(2**31)
+    if reference_checkpoint is None:
+        recorded = last.get("reference", {}).get("checkpoint") if last else config.get("reference_checkpoint")
+        reference_checkpoint = Path(recorded) if recorded else None
+    if reference_checkpoint is not None:
+        find_orbax_root(reference_checkpoint)
+    if reference_precision is None:
+        reference_precision = last.get("reference", {}).get("precision") if last else config.get("reference_precision", "auto")
+    return ParitySettings(float(sample), int(seed), reference_checkpoint, reference_precision)
 
 
 def finish_resumed(job: Job, manifest: dict, trusted: dict[int, WindowRecord], log: Callable[[str], None]) -> RunSummary:
     """Every window is already done: nothing to compute. A run killed after its last window but
     before its closing save gets that save now; a complete run is left untouched."""
     counts = status_counts(trusted)
-    summary = RunSummary(job.options.out, "complete", counts, nonfinite_total=sum(r.nonfinite_count for r in trusted.values()))
+    nonfinite = sum(r.nonfinite_count for r in trusted.values())
+    summary = RunSummary(job.options.out, "complete", counts, nonfinite_total=nonfinite, parity=manifest.get("parity"))
     log(f"nothing to do: all {job.window_count} windows in {job.options.out} are done")
     if manifest.get("status") != "complete":
         with locked_run_folder(job.options.out, overwrite=False):
@@ -206,9 +276,18 @@ def start_workers(job: Job, execution: Execution) -> tuple[list, str]:
 class Recorder:
     """The run's state as the driver sees it: windows.parquet rows, the manifest, the summary."""
 
-    def __init__(self, job: Job, execution: Execution, records: dict[int, WindowRecord], started: float, command_line: str | None):
+    def __init__(
+        self,
+        job: Job,
+        execution: Execution,
+        records: dict[int, WindowRecord],
+        started: float,
+        command_line: str | None,
+        parity: ParitySettings | None,
+    ):
         self.job = job
         self.execution = execution
+        self.parity = parity
         self.records = records
         self.started = started
         self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -293,6 +372,10 @@ class Recorder:
                 "weights": str(job.weights.path),
                 "on_nonfinite": o.on_nonfinite,
                 **dataclasses.asdict(e),
+                "parity_sample": self.parity.sample if self.parity else 0,
+                "parity_seed": self.parity.seed if self.parity else None,
+                "reference_checkpoint": str(o.reference_checkpoint.resolve()) if o.reference_checkpoint else None,
+                "reference_precision": o.reference_precision,
             },
             "identity": {**job.identity(), "precision": e.precision},
             "weights": {"path": str(job.weights.path.resolve()), "sha256": job.weights.sha256, "config": job.weights.config_name},

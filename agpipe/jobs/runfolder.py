@@ -30,12 +30,13 @@ from agpipe.io.parquet import (
     remove_stale_temporaries,
     validate_part,
 )
+from agpipe.jobs.parity_report import PARITY_DIR
 from agpipe.jobs.plan import Window
 
 LOCK_FILE = ".agpipe.lock"
 # Everything agpipe puts in OUT: --overwrite deletes these and nothing else.
 OWNED_FILES = (MANIFEST_FILE, TRACKS_FILE, WINDOWS_FILE, LOCK_FILE)
-OWNED_FOLDERS = ("predictions", "junctions", "contact_maps")
+OWNED_FOLDERS = ("predictions", "junctions", "contact_maps", PARITY_DIR)
 VALIDATION_THREADS = 8  # sha256 of part files, in parallel (hashlib and pyarrow release the GIL)
 
 
@@ -107,6 +108,12 @@ def clear_run_folder(out: Path) -> None:
             (out / name).unlink(missing_ok=True)
     for name in OWNED_FOLDERS:
         shutil.rmtree(out / name, ignore_errors=True)
+
+
+def clear_parity_check(out: Path) -> None:
+    """Deletes OUT/parity/ (the manifest's parity field goes with the next manifest save): a run
+    that computes windows again is checked again, and an older check must not pass for it."""
+    shutil.rmtree(out / PARITY_DIR, ignore_errors=True)
 
 
 def trusted_windows(out: Path, plan: Iterable[Window]) -> dict[int, WindowRecord]:

@@ -5,6 +5,7 @@ Cache layout (AGPIPE_HOME, default ~/.cache/agpipe):
     weights/<name>.safetensors     converted weights, found later by name (`--weights all-folds`)
     weights/demo-v1.safetensors    the demo model, written on first use
     metadata/                      the official track metadata (textproto), checked by sha256
+    jax-cache/                     compiled JAX reference programs (the parity check), reused across runs
 """
 
 from __future__ import annotations
