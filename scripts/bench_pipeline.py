@@ -105,9 +105,6 @@ def run_pipeline(genome: Path, weights: Path, out: Path, gpus: int, window: int,
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
     cmd = [sys.executable, "-m", "agpipe.cli", "run", str(genome), "--weights", str(weights), "--out", str(out),
            "--window", str(window), "--num-cpus", str(cpus), "--parity-sample", "0"]
-    help_text = subprocess.run([sys.executable, "-m", "agpipe.cli", "run", "--help"], capture_output=True, text=True, env=env).stdout
-    if "--parity-sample" not in help_text:
-        cmd = cmd[:-2]
     t0 = time.monotonic()
     with GpuSampler(gpus) as sampler:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
