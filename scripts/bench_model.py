@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agpipe.model.alphagenome import AlphaGenome  # noqa: E402
 from agpipe.model.checkpoint import official_to_ours, random_official_tree  # noqa: E402
-from agpipe.model.config import ALL_OUTPUTS, DEFAULT_OUTPUTS, HEADS, OFFICIAL, Output  # noqa: E402
+from agpipe.model.config import ALL_OUTPUTS, HEADS, OFFICIAL  # noqa: E402
 from agpipe.model.metadata import synthetic_metadata  # noqa: E402
 from agpipe.model.precision import BFLOAT16, FLOAT32, configure_backends  # noqa: E402
 
@@ -125,9 +125,6 @@ def bench_torch(name, length, outputs, tensors, metadata, precision, flex, compi
         peak = torch.cuda.max_memory_allocated() / 2**30
         if profile:
             print(kernel_summary(lambda: fn(x)), flush=True)
-    del model, fn, x
-    gc.collect()
-    torch.cuda.empty_cache()
     return {"impl": name, "first_call_s": first, "ms": statistics.median(times), "ms_all": times, "peak_gib": peak}
 
 
@@ -206,6 +203,8 @@ def main() -> None:
                 results.append(bench_torch(f"fast-bf16-flex-{mode}", length, outputs, tensors, metadata, BFLOAT16, True, mode, args.warmup, args.runs, args.profile))
         if "jax" in impls:
             results.append(bench_jax(length, outputs_name, params, state, metadata, args.warmup, args.runs))
+        gc.collect()  # the models of this case are gone: hand their memory back before the next case
+        torch.cuda.empty_cache()
         for r in results:
             r.update(case)
             r["tflops"] = flops / (r["ms"] / 1e3) / 1e12
