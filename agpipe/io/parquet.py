@@ -255,9 +255,16 @@ def _schema(keys: Sequence[tuple[str, pa.DataType]], columns: Sequence[str], val
 
 def _table(schema: pa.Schema, chrom: str, keys: Sequence[np.ndarray], values: np.ndarray) -> pa.Table:
     """A table of `schema` from the key columns after chrom and the (rows, tracks) values."""
-    by_track = np.ascontiguousarray(values.T)  # contiguous tracks become float32 arrays without a copy
-    arrays = [pa.array(c, f.type) for c, f in zip([*keys, *by_track], list(schema)[1:])]
-    return pa.Table.from_arrays([pa.repeat(pa.scalar(chrom), len(values)), *arrays], schema=schema)
+    fields = list(schema)[1:]
+    value_type = fields[len(keys)].type if len(fields) > len(keys) else pa.float32()
+    rows = len(values)
+    # One transposed copy in the value dtype; each track column is then a zero-copy view of it
+    # (pa.array(column, type) per column costs ~130 us each: 0.2 s for a window's 1,600 tracks).
+    by_track = np.ascontiguousarray(values.T, dtype=value_type.to_pandas_dtype())
+    buffer = pa.py_buffer(by_track)
+    tracks = [pa.Array.from_buffers(value_type, rows, [None, buffer], offset=i * rows) for i in range(by_track.shape[0])]
+    key_arrays = [pa.array(c, f.type) for c, f in zip(keys, fields)]
+    return pa.Table.from_arrays([pa.repeat(pa.scalar(chrom), rows), *key_arrays, *tracks], schema=schema)
 
 
 def _rows_per_group(schema: pa.Schema) -> int:
