@@ -24,12 +24,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from agpipe import __version__
 from agpipe.io.parquet import MANIFEST_FILE, SCHEMA_VERSION, STATUSES, WindowRecord, write_json_atomic, write_tracks_table, write_windows_table
 from agpipe.jobs.estimate import full_window, window_value_bytes
-from agpipe.jobs.options import Execution, Job, RunOptions, prepare_job, resolve_execution
+from agpipe.jobs.options import Execution, Job, Node, RunOptions, prepare_job, resolve_execution
 from agpipe.jobs.plan import Window
 from agpipe.jobs.runfolder import check_run_folder, check_same_precision, locked_run_folder, trusted_windows
 from agpipe.jobs.stream import WindowStream, error_line, io_tasks, windows_in_flight
@@ -41,6 +42,7 @@ from agpipe.jobs.writer import WrittenWindow
 SAVE_SECONDS = 5.0
 SAVE_WINDOWS = 25
 WORKER_RESTARTS = 3
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # see loopback_only
 ERRORS_SHOWN = 5
 
 
@@ -103,11 +105,10 @@ def run_job(
     if trusted:
         log(f"resuming: {len(trusted)} of {job.window_count} windows are already done in {options.out}")
     with ray_cluster(ray_address, num_cpus):
-        resources = ray.cluster_resources()
-        execution = resolve_execution(options, int(resources.get("GPU", 0)), int(resources.get("CPU", 0)))
+        node_id, store_bytes = driver_node()
+        execution, placement = resolve_execution(options, cluster_nodes(node_id))
         if previous:
             check_same_precision(options.out, previous, execution.precision)
-        node_id, store_bytes = driver_node()
         with locked_run_folder(options.out, options.overwrite):
             records = {w.window_id: trusted.get(w.window_id) or pending_record(w) for w in job.windows()}
             run = Recorder(job, execution, records, started, command_line)
@@ -115,7 +116,7 @@ def run_job(
             run.save("running")
             workers: list = []
             try:
-                workers, device = start_workers(job, execution)
+                workers, device = start_workers(job, execution, placement)
                 run.summary.device = device
                 log(
                     f"running {job.window_count - len(trusted)} windows on {execution.workers} worker(s) ({device}): "
@@ -127,12 +128,18 @@ def run_job(
                 run.follow(stream, job.window_count - len(trusted), progress, log)
             except BaseException as error:
                 run.summary.error = run.summary.error or error_line(error)
-                run.save("failed")
+                with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the run
+                    run.save("failed")
                 raise
             finally:
                 for worker in workers:  # frees their GPUs now, not when the driver exits
                     ray.kill(worker)
-            run.save("complete" if run.finished() else "failed")
+            try:
+                run.save("complete" if run.finished() else "failed")
+            except OSError:
+                if run.summary.error:  # what stopped the run, e.g. the part file that filled the disk
+                    raise RunError(run.summary.error) from None
+                raise
     return run.summary
 
 
@@ -152,19 +159,45 @@ def finish_resumed(job: Job, manifest: dict, trusted: dict[int, WindowRecord], l
 @contextlib.contextmanager
 def ray_cluster(address: str | None, num_cpus: int | None) -> Iterator[None]:
     """Connects to `address`, else to RAY_ADDRESS (as under `ray job submit`), else starts a local
-    Ray instance for this job (dashboard off) and stops it afterwards. A driver that is already
-    connected (tests, notebooks) is used as it is."""
+    Ray instance for this job (loopback only, dashboard off) and stops it afterwards. A driver that
+    is already connected (tests, notebooks) is used as it is."""
     if ray.is_initialized():
         yield
         return
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        with loopback_only():
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield
     finally:
         ray.shutdown()  # stops a local instance; only disconnects from a cluster
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Makes a local Ray instance started inside the block listen on 127.0.0.1 only.
+
+    On Linux Ray (2.60) maps 127.0.0.1, even when passed as `_node_ip_address`, to the machine's
+    address, and its GCS, raylets and workers listen on every interface. Only with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what Ray does on macOS and Windows) does it keep 127.0.0.1
+    as the node's address, and its servers then bind to loopback alone. Ray reads the variable at
+    import, so the constant is set too; the processes Ray starts inherit the variable. Both are
+    restored afterwards, so a later connection to a real cluster from this process is unaffected."""
+    from ray._private import ray_constants
+
+    previous = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous[1]
+        if previous[0] is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = previous[0]
 
 
 def driver_node() -> tuple[str, float]:
@@ -176,10 +209,21 @@ def driver_node() -> tuple[str, float]:
     return node_id, node["Resources"].get("object_store_memory", 0)
 
 
-def start_workers(job: Job, execution: Execution) -> tuple[list, str]:
-    """The model workers, loaded and ready; and what they run on."""
+def cluster_nodes(driver_node_id: str) -> list[Node]:
+    """The live nodes of the cluster, with their CPUs and GPUs."""
+    return [
+        Node(n["NodeID"], int(n["Resources"].get("CPU", 0)), int(n["Resources"].get("GPU", 0)), n["NodeID"] == driver_node_id)
+        for n in ray.nodes()
+        if n["Alive"]
+    ]
+
+
+def start_workers(job: Job, execution: Execution, placement: list[str]) -> tuple[list, str]:
+    """The model workers, each pinned to its node (see resolve_execution), loaded and ready; and
+    what they run on."""
     env = {name: os.environ[name] for name in (EXIT_ON_BATCH_ENV,) if name in os.environ}
-    actor = ray.remote(ModelWorker).options(
+    actor = ray.remote(ModelWorker)
+    options = dict(
         num_gpus=1 if execution.device == "cuda" else 0,
         num_cpus=execution.worker_cpus,
         max_restarts=WORKER_RESTARTS,
@@ -189,11 +233,11 @@ def start_workers(job: Job, execution: Execution) -> tuple[list, str]:
     o = job.options
     threads = execution.worker_cpus if execution.device == "cpu" else None
     workers = [
-        actor.remote(
+        actor.options(**options, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
             str(job.weights.path), job.weights.sha256, o.organism, job.outputs, execution.precision,
             execution.device, execution.compile, execution.batch_size, o.window, threads,
         )
-        for _ in range(execution.workers)
+        for node in placement
     ]
     try:
         devices = ray.get([w.describe.remote() for w in workers])
@@ -221,6 +265,7 @@ class Recorder:
         non-finite window under --on-nonfinite fail."""
         s = self.summary
         errors = 0
+        stopped_by_output = False
         with tqdm(total=todo, unit="window", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
             for window, outcome in stream:
                 if isinstance(outcome, WrittenWindow):
@@ -237,12 +282,22 @@ class Recorder:
                             stream.stop()
                         else:
                             log(f"{where}: {record.nonfinite_count} non-finite values (flagged in windows.parquet)")
+                elif isinstance(getattr(outcome, "cause", None) or outcome, OSError):
+                    # OUT cannot take more (disk full, permission denied, read-only): every window
+                    # would fail the same way, so stop at the first and keep what is written.
+                    record = pending_record(window, "failed")
+                    if not stopped_by_output:
+                        stopped_by_output = True
+                        s.error = f"{error_line(outcome)}; the run stopped: rerun the command to resume once it can write there"
+                        log(s.error)
+                        stream.stop()
                 else:
                     record = pending_record(window, "failed")
                     errors += 1
-                    s.error = f"window {window.window_id} failed: {error_line(outcome)}"
+                    line = f"window {window.window_id} failed: {error_line(outcome)}"
+                    s.error = s.error if stopped_by_output else line
                     if errors <= ERRORS_SHOWN:
-                        log(s.error)
+                        log(line)
                 self.records[window.window_id] = record
                 bar.update(1)
                 bar.set_postfix_str(f"{s.bases / max(time.monotonic() - self.started, 1e-9):,.0f} bases/s", refresh=False)
