@@ -219,7 +219,7 @@ def demo(out: Path, overwrite: bool) -> None:
 
 def finish(summary) -> None:
     """Prints a run's closing summary; a run that did not complete exits non-zero with its error."""
-    for line in summary.lines():
+    for line in summary.lines(error=False):  # the error, if any, is the last line
         click.echo(line, err=True)
     if summary.status != "complete":
         raise UserError(summary.error or "the run did not complete")

@@ -23,6 +23,7 @@ from agpipe.jobs.options import RunOptions
 from conftest import random_sequence, write_fasta
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # about a minute: a three-node cluster, three runs, node-death detection
 FAULTS = {
     "worker_process": "model worker process SIGKILLed (cluster)",
     "node": "worker node removed (cluster)",

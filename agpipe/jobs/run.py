@@ -65,7 +65,8 @@ class RunSummary:
     device: str = ""
     error: str | None = None
 
-    def lines(self) -> list[str]:
+    def lines(self, error: bool = True) -> list[str]:
+        """The closing summary; `error=False` leaves out the error line, for a caller that shows it."""
         c = self.counts
         rate = f"{self.bases / self.wall_seconds:,.0f} bases/s" if self.wall_seconds else "-"
         lines = [
@@ -79,7 +80,7 @@ class RunSummary:
             f"model {self.compute_seconds:.1f} s{' on ' + self.device if self.device else ''}",
             f"written: {self.bytes_written / 1e6:,.1f} MB; non-finite values in the run: {self.nonfinite_total}",
         ]
-        return lines + ([f"error: {self.error}"] if self.error else [])
+        return lines + ([f"error: {self.error}"] if self.error and error else [])
 
 
 def run_job(

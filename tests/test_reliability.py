@@ -1,0 +1,392 @@
+"""What agpipe survives on one machine: damaged part files and tables, changed weights, a full disk,
+permission denied, a read-only output, pickled weights, tokens in the environment, hostile contig
+names, what a local Ray instance listens on. Runs share the session's Ray instance unless they test
+Ray itself. Faults injected and windows lost or duplicated go to the session's faults table
+(conftest.fault_ledger; docs/reliability.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from agpipe.cli import main
+from agpipe.io.parquet import TEMP_NAME, decode_contig, read_json, read_windows_table
+from agpipe.jobs.options import RunOptions
+from agpipe.jobs.run import run_job
+from agpipe.model.checkpoint import CheckpointError, load_weights, read_weights_header, save_weights
+from agpipe.model.config import SMALL
+from agpipe.model.weights import demo_weights
+
+from conftest import CROP, WINDOW, random_sequence, write_fasta
+from run_audit import assert_clean, audit
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUTS = "atac:1,dnase:128"  # a 1 bp output: a window written twice would show as duplicate bins
+
+
+def options(genome: Path, out: Path, **extra) -> RunOptions:
+    return RunOptions(genome=genome, out=out, window=WINDOW, crop=CROP, model="demo", outputs=OUTPUTS, **extra)
+
+
+def run(genome: Path, out: Path, ray_address: str, log=lambda message: None, **extra):
+    return run_job(options(genome, out, **extra), ray_address=ray_address, progress=False, log=log)
+
+
+def cli(*args) -> str:
+    """`agpipe` in this process (the session's Ray): its one error line, asserting it failed cleanly."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("agpipe: error: ") and not any("Traceback" in line for line in lines), result.stderr
+    return lines[-1]
+
+
+def agpipe(*args, env: dict | None = None, ray_address: str | None = None) -> subprocess.CompletedProcess:
+    """`agpipe` as a user runs it, in its own process: stdout and stderr as the user sees them."""
+    env = {**os.environ, **(env or {})}
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "agpipe.cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def run_args(genome: Path, out: Path, *extra) -> list:
+    return ["run", genome, "--out", out, "--model", "demo", "--window", WINDOW, "--crop", CROP, "--outputs", OUTPUTS, *extra]
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one error line of a failed command; asserts there is no traceback."""
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("agpipe: error: ")]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr
+    return errors[0]
+
+
+def files(folder: Path) -> dict[str, tuple[int, str]]:
+    """Every file under folder: relative path -> (size, sha256)."""
+    return {
+        p.relative_to(folder).as_posix(): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def no_temporaries(out: Path) -> bool:
+    return not [p for p in out.rglob("*") if TEMP_NAME.match(p.name)]
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str):
+    """A small tmpfs at folder (a disk that fills, or can be made read-only); skips where mounting
+    is not allowed (needs root, or CAP_SYS_ADMIN)."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'mount failed'}): needs root or CAP_SYS_ADMIN")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def remount(folder: Path, how: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{how}", str(folder)], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def unwritable(folder: Path):
+    """folder made unwritable: `chattr +i` as root (root ignores file modes), chmod 555 otherwise."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"chattr +i is not available here ({made.stderr.strip()}); root writes whatever the mode")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+
+
+# ---------------------------------------------------------------- integrity: part files, tables, weights
+
+
+def test_parts_carry_their_checksums_and_resume_recomputes_exactly_the_damaged_windows(tmp_path, small_genome, ray_address, fault_ledger):
+    out = tmp_path / "out"
+    assert run(small_genome, out, ray_address).status == "complete"
+    windows = {w.window_id: w for w in read_windows_table(out)}
+    for w in windows.values():  # windows.parquet records each part's size and sha256
+        for part in w.parts:
+            data = (out / part.path).read_bytes()
+            assert (part.bytes, part.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+
+    done = [w for w in windows.values() if w.status == "done"]
+    truncated, flipped, deleted = done[1], done[5], done[-1]
+    path = out / truncated.parts[0].path
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    path = out / flipped.parts[1].path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the checksum tells
+    path.write_bytes(bytes(data))
+    (out / deleted.parts[0].path).unlink()
+    damaged = {truncated.window_id, flipped.window_id, deleted.window_id}
+    assert audit(out, options(small_genome, out)).windows_lost == 3
+    before = {p: os.stat(out / p).st_mtime_ns for w in done if w.window_id not in damaged for p in (x.path for x in w.parts)}
+
+    summary = run(small_genome, out, ray_address)
+    assert summary.status == "complete" and summary.computed == 3
+    assert {p: os.stat(out / p).st_mtime_ns for p in before} == before  # intact windows untouched
+    rewritten = {w.window_id for w in read_windows_table(out) if any(os.stat(out / p.path).st_mtime_ns not in before.values() for p in w.parts)}
+    assert rewritten == damaged
+    found = audit(out, options(small_genome, out))
+    fault_ledger("part files truncated, bit-flipped, deleted; rerun", 3, found)
+    assert_clean(found)
+
+
+def test_an_unreadable_windows_table_trusts_nothing(tmp_path, small_genome, ray_address, fault_ledger):
+    out = tmp_path / "out"
+    assert run(small_genome, out, ray_address, contigs="chr2,chrM").status == "complete"
+    table = out / "windows.parquet"
+    table.write_bytes(table.read_bytes()[:100])
+    summary = run(small_genome, out, ray_address, contigs="chr2,chrM")
+    assert summary.status == "complete" and summary.computed == summary.counts["done"]  # all computed again
+    found = audit(out, options(small_genome, out, contigs="chr2,chrM"))
+    fault_ledger("windows.parquet truncated; rerun", 1, found)
+    assert_clean(found)
+
+
+def test_weights_that_changed_since_the_run_are_refused_on_resume(tmp_path, small_genome, ray_address):
+    weights = tmp_path / "mine.safetensors"
+    weights.write_bytes(demo_weights().read_bytes())
+    out = tmp_path / "out"
+    assert run(small_genome, out, ray_address, contigs="chrM", weights=str(weights)).status == "complete"
+    (out / "windows.parquet").unlink()  # so that the rerun has work to do
+    before = files(out)
+    loaded = load_weights(weights)
+    tensors = dict(loaded.tensors)
+    tensors["heads.dnase.res_128.linear.b"] = tensors["heads.dnase.res_128.linear.b"] + 1
+    save_weights(weights, tensors, SMALL, loaded.metadata_json)  # same path, other bytes
+    result = CliRunner().invoke(main, [str(a) for a in run_args(small_genome, out, "--contigs", "chrM", "--weights", weights)])
+    assert result.exit_code == 2 and result.exception.__class__ is SystemExit
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "other weights" in lines[0] and "sha256" in lines[0], result.stderr
+    assert files(out) == before
+
+
+# ---------------------------------------------------------------- write failures
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_a_rerun_with_space_resumes(tmp_path, small_genome, ray_address, fault_ledger):
+    with tmpfs(tmp_path / "disk", "600k") as disk:
+        out = disk / "out"
+        result = agpipe(*run_args(small_genome, out), ray_address=ray_address)
+        line = error_line(result)
+        assert re.match(rf"agpipe: error: cannot write {re.escape(str(out))}/\S+: No space left on device", line), line
+        assert no_temporaries(out)
+        stopped = audit(out, options(small_genome, out), expect_status=read_json(out / "manifest.json")["status"])
+        assert stopped.invalid_files == stopped.temporaries == stopped.rows_duplicated == 0, stopped.problems()
+        kept = sum(w.status in ("done", "skipped_all_n") for w in read_windows_table(out))
+        assert 0 < kept and stopped.windows_lost > 0  # some windows finished and are kept, the rest are not
+
+        remount(disk, "size=64m")  # space again
+        log: list[str] = []
+        summary = run(small_genome, out, ray_address, log=log.append)
+        assert summary.status == "complete" and summary.computed == summary.counts["done"] + summary.counts["skipped_all_n"] - kept
+        assert any(line.startswith(f"resuming: {kept} of") for line in log), log
+        found = audit(out, options(small_genome, out))
+    fault_ledger("disk full mid-run (tmpfs); rerun with space", 1, found)
+    assert_clean(found)
+
+
+def test_permission_denied_mid_run_stops_in_one_line_and_a_rerun_resumes(tmp_path, small_genome, ray_address, fault_ledger):
+    out = tmp_path / "out"
+    folder = out / "predictions" / "head=atac" / "resolution=1" / "contig=chr2"
+    folder.mkdir(parents=True)
+    with unwritable(folder):
+        result = agpipe(*run_args(small_genome, out), ray_address=ray_address)
+        line = error_line(result)
+        reason = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
+        assert re.match(rf"agpipe: error: cannot write {re.escape(str(folder))}/part-\d+\.parquet: {reason}", line), line
+        assert no_temporaries(out)
+        windows = read_windows_table(out)
+        assert {w.chrom for w in windows if w.status == "done"} >= {"chr1"}  # what was written is kept
+        assert not [w for w in windows if w.chrom == "chr2" and w.status == "done"]
+    assert run(small_genome, out, ray_address).status == "complete"
+    found = audit(out, options(small_genome, out))
+    fault_ledger("permission denied mid-run (chattr +i); rerun", 1, found)
+    assert_clean(found)
+
+
+def test_an_unwritable_output_is_one_line_and_writes_nothing(tmp_path, small_genome, ray_address):
+    out = tmp_path / "out"
+    out.mkdir()
+    with unwritable(out):
+        line = cli(*run_args(small_genome, out))
+    assert line.startswith(f"agpipe: error: cannot write {out}/.agpipe.lock: "), line
+    assert not list(out.iterdir())
+
+
+def test_a_read_only_output_is_one_line_and_left_untouched(tmp_path, small_genome, ray_address):
+    with tmpfs(tmp_path / "disk", "16m") as disk:
+        remount(disk, "ro")
+        line = cli(*run_args(small_genome, disk / "out", "--contigs", "chrM"))
+        assert line == f"agpipe: error: cannot write {disk / 'out'}: Read-only file system", line
+
+        remount(disk, "rw")
+        out = disk / "out"
+        assert run(small_genome, out, ray_address, contigs="chr2,chrM").status == "complete"
+        remount(disk, "ro")
+        result = CliRunner().invoke(main, [str(a) for a in run_args(small_genome, out, "--contigs", "chr2,chrM")])
+        assert result.exit_code == 0 and "nothing to do" in result.stderr, result.output  # a finished run reads fine
+
+        remount(disk, "rw")
+        (out / read_windows_table(out)[0].parts[0].path).unlink()
+        before = files(out)
+        remount(disk, "ro")
+        line = cli(*run_args(small_genome, out, "--contigs", "chr2,chrM"))
+        assert line == f"agpipe: error: cannot write {out}/.agpipe.lock: Read-only file system", line
+        assert files(out) == before
+
+
+# ---------------------------------------------------------------- security
+
+
+class Payload:
+    """Unpickling this creates a file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_pickled_weights_are_refused_without_being_unpickled(tmp_path, small_genome):
+    marker = tmp_path / "pwned"
+    proof = tmp_path / "proof"
+    pickle.loads(pickle.dumps(Payload(proof)))
+    assert proof.exists()  # the payload works when something does unpickle it
+    candidates = {
+        "torch.pt": lambda p: torch.save({"weights": Payload(marker)}, p),
+        "model.pkl": lambda p: p.write_bytes(pickle.dumps(Payload(marker))),
+        "pytorch_model.bin": lambda p: torch.save(Payload(marker), p),
+        "renamed.safetensors": lambda p: torch.save(Payload(marker), p),  # a pickle by another name
+    }
+    for name, write in candidates.items():
+        path = tmp_path / name
+        write(path)
+        result = CliRunner().invoke(main, ["run", str(small_genome), "--out", str(tmp_path / "out"), "--weights", str(path), "--dry-run"])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("agpipe: error: ") and name in lines[0], result.stderr
+        for load in (read_weights_header, load_weights):
+            with pytest.raises(CheckpointError):
+                load(path)
+        assert not marker.exists(), f"{name} was unpickled"
+    assert not (tmp_path / "out").exists()
+
+
+def test_agpipe_has_no_code_path_that_unpickles():
+    unpickling = re.compile(r"torch\.load\(|pickle\.loads?\(|allow_pickle\s*=\s*True|joblib\.load|dill\.load|cloudpickle\.loads?\(")
+    found = [f"{p.relative_to(REPO)}:{n}" for p in (REPO / "agpipe").rglob("*.py") for n, line in enumerate(p.read_text().splitlines(), 1) if unpickling.search(line)]
+    assert not found
+
+
+def test_a_run_keeps_tokens_out_of_its_files_and_output_and_ray_listens_on_loopback_only(tmp_path, small_genome):
+    """A run that starts its own Ray instance, with Hugging Face tokens in its environment."""
+    token = "hf_agpipeReliabilityToken" + "x" * 16
+    out = tmp_path / "out"
+    env = {"HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token}
+    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    args = [str(a) for a in run_args(small_genome, out, "--num-cpus", "2")]
+    process = subprocess.Popen([sys.executable, "-m", "agpipe.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    listening: set[tuple[str, str]] = set()
+    try:
+        while process.poll() is None:
+            listening |= listeners(process_tree(process.pid))
+            time.sleep(0.2)
+    finally:
+        stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert listening, "saw no Ray process listening"  # the check saw Ray running
+    assert {name for _, name in listening} >= {"gcs_server", "raylet"}
+    exposed = {(address, name) for address, name in listening if not is_loopback(address)}
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    assert not any("dashboard" in name for _, name in listening) and not any(a.endswith(":8265") for a, _ in listening)
+
+    assert token not in stdout + stderr
+    for path in out.rglob("*"):
+        assert not path.is_file() or token.encode() not in path.read_bytes(), path
+
+
+def process_tree(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for line in subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    tree, todo = set(), [pid]
+    while todo:
+        tree.add(p := todo.pop())
+        todo += children.get(p, [])
+    return tree
+
+
+def listeners(pids: set[int]) -> set[tuple[str, str]]:
+    """(local address, process name) of the TCP and UDP sockets that processes in pids listen on."""
+    try:
+        text = subprocess.run(["ss", "-ltunpH"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("`ss` (iproute2) is not available to list listening sockets")
+    found = set()
+    for line in text.splitlines():
+        for name, pid in re.findall(r'\("([^"]+)",pid=(\d+)', line):
+            if int(pid) in pids:
+                found.add((line.split()[4], name))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "::1", "::ffff:127.0.0.1") or host.startswith("127.")
+
+
+HOSTILE_NAMES = ["../../etc/passwd", "/abs", "a\\b", ".", "..", "~", "-rf", "$(touch${IFS}pwned)", "`id`", "chr1;rm", "%2E", "nul"]
+
+
+def test_hostile_contig_names_stay_out_of_paths(tmp_path, ray_address, fault_ledger):
+    rng = np.random.default_rng(5)
+    genome = write_fasta(tmp_path / "hostile.fa", {name: random_sequence(rng, 3_001, []) for name in HOSTILE_NAMES})
+    out = tmp_path / "out"
+    outside = {p for p in tmp_path.parent.iterdir()} | set(Path("/").iterdir())
+    assert run(genome, out, ray_address).status == "complete"
+    assert set(tmp_path.iterdir()) == {genome, Path(f"{genome}.fai"), out}  # nothing beside OUT
+    assert {p for p in tmp_path.parent.iterdir()} | set(Path("/").iterdir()) == outside
+    root = out.resolve()
+    for path in out.rglob("*"):
+        assert not path.is_symlink() and path.resolve().is_relative_to(root), path
+    folders = {p.name for p in out.glob("predictions/*/*/*")}
+    assert {decode_contig(f.removeprefix("contig=")) for f in folders} == set(HOSTILE_NAMES)
+    assert all(f == "contig=" + f.removeprefix("contig=").replace("/", "") and not f.removeprefix("contig=").startswith(".") for f in folders)
+    assert {w.chrom for w in read_windows_table(out)} == set(HOSTILE_NAMES)
+    found = audit(out, options(genome, out))
+    fault_ledger("hostile contig names (../../etc/passwd, /abs, ., .., ...)", 0, found)
+    assert_clean(found)
