@@ -13,17 +13,23 @@ import pickle
 import re
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from agpipe.cli import main
+from agpipe.io.fasta import GenomeError, open_genome
 from agpipe.io.parquet import TEMP_NAME, decode_contig, read_json, read_windows_table
 from agpipe.jobs.options import RunOptions
+from agpipe.jobs.plan import plan_windows
 from agpipe.jobs.run import run_job
 from agpipe.model.checkpoint import CheckpointError, load_weights, read_weights_header, save_weights
 from agpipe.model.config import SMALL
@@ -31,6 +37,8 @@ from agpipe.model.weights import demo_weights
 
 from conftest import CROP, WINDOW, random_sequence, write_fasta
 from run_audit import assert_clean, audit
+from test_fasta import fasta_bytes, messy_fasta, reference_parse
+from test_fasta import write_fasta as write_fasta_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = "atac:1,dnase:128"  # a 1 bp output: a window written twice would show as duplicate bins
@@ -390,3 +398,111 @@ def test_hostile_contig_names_stay_out_of_paths(tmp_path, ray_address, fault_led
     found = audit(out, options(genome, out))
     fault_ledger("hostile contig names (../../etc/passwd, /abs, ., .., ...)", 0, found)
     assert_clean(found)
+
+
+# ---------------------------------------------------------------- bad input through the command line
+
+FUZZ_WINDOW, FUZZ_CROP = 2048, 128
+
+
+@st.composite
+def genome_and_bed(draw):
+    """(FASTA bytes, compressed, BED bytes or None, expected window count or None for an error)."""
+    if draw(st.booleans()):
+        fasta = draw(messy_fasta())  # mostly well-formed, sometimes corrupted
+    else:  # well-formed: names with punctuation, soft-masking, IUPAC codes, N runs
+        names = draw(st.lists(st.text(st.sampled_from("chrXY019_.:|*/=-é"), min_size=1, max_size=8), min_size=1, max_size=3, unique=True))
+        fasta = fasta_bytes([(n.encode(), draw(st.text(st.sampled_from("ACGTNacgtnRY"), min_size=1, max_size=3000)).encode()) for n in names])
+    compress = draw(st.booleans())
+    records = reference_parse(fasta)
+    contigs = [(name.decode(errors="replace"), len(seq)) for name, seq in records]
+    if not draw(st.booleans()):
+        return fasta, compress, None, contigs
+    lines, intervals, bad = [], [], False
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["interval"] * 8 + ["comment"] * 2 + ["unknown", "garbage", "beyond"]))
+        name, length = draw(st.sampled_from(contigs)) if contigs else ("chr1", 1)
+        sep = draw(st.sampled_from(["\t", " "]))
+        if kind == "comment":
+            lines.append(draw(st.sampled_from(["# note", "track name=x", ""])))
+        elif kind == "unknown":
+            lines.append(f"notacontig{sep}0{sep}10")
+            bad = True
+        elif kind == "garbage":
+            lines.append(draw(st.sampled_from([f"{name}{sep}1", f"{name}{sep}x{sep}5", f"{name}{sep}5{sep}2", f"{name}{sep}-1{sep}4"])))
+            bad = True
+        elif kind == "beyond":
+            lines.append(f"{name}{sep}{length + draw(st.integers(0, 5))}{sep}{length + 10}")
+            bad = True
+        else:
+            start = draw(st.integers(0, max(0, length - 1)))
+            end = draw(st.integers(start, length + 20))
+            lines.append(f"{name}{sep}{start}{sep}{end}")
+            bad = bad or start >= length
+            if end > start:
+                intervals.append((name, start, min(end, length)))
+    bed = ("\n".join(lines) + draw(st.sampled_from(["", "\n"]))).encode()
+    regions: dict[str, list[tuple[int, int]]] = {}
+    for name, start, end in intervals:
+        regions.setdefault(name, []).append((start, end))
+    regions = {name: merge(spans) for name, spans in regions.items()}
+    return fasta, compress, bed, None if bad or not regions else (contigs, regions)
+
+
+def merge(spans):
+    out = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def dry_run(fasta: bytes, compress: bool, bed: bytes | None):
+    """`agpipe run --dry-run` on the input: (exit code, stdout, stderr), asserting no traceback."""
+    with tempfile.TemporaryDirectory() as folder:
+        genome = write_fasta_bytes(Path(folder) / "g.fa", fasta, compress)
+        args = ["run", str(genome), "--model", "demo", "--window", str(FUZZ_WINDOW), "--crop", str(FUZZ_CROP), "--dry-run"]
+        if bed is not None:
+            (Path(folder) / "r.bed").write_bytes(bed)
+            args += ["--regions", str(Path(folder) / "r.bed")]
+        result = CliRunner().invoke(main, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), "".join(traceback.format_exception(result.exception))
+    if result.exit_code:
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("agpipe: error: "), result.stderr
+    return result.exit_code, result.stdout
+
+
+def planned(stdout: str) -> int:
+    return int(re.search(r"^windows +([\d,]+) of", stdout, re.M).group(1).replace(",", ""))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(genome_and_bed())
+def test_fuzz_bad_genomes_and_regions_through_the_cli_give_one_line_or_the_right_plan(case):
+    fasta, compress, bed, expected = case
+    code, stdout = dry_run(fasta, compress, bed)
+    event(f"{'one-line error' if code else 'planned'}, {'no BED' if bed is None else 'BED'}")
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            reference = open_genome(write_fasta_bytes(Path(folder) / "g.fa", fasta, compress)).contigs
+    except GenomeError:
+        assert code, "a genome the reader refuses was planned"
+        return
+    if bed is None:
+        assert code == 0 and planned(stdout) == len(list(plan_windows(reference, FUZZ_WINDOW, FUZZ_CROP)))
+    elif expected is None:
+        assert code, "bad regions were planned"
+    else:
+        contigs, regions = expected
+        assert reference == contigs  # the reader agrees with the reference parser (tests/test_fasta.py)
+        count = len(list(plan_windows(contigs, FUZZ_WINDOW, FUZZ_CROP, regions)))
+        assert code == 0 and planned(stdout) == count
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(max_size=120), st.one_of(st.none(), st.binary(max_size=80)))
+def test_fuzz_random_bytes_through_the_cli_never_give_a_traceback(fasta, bed):
+    dry_run(b">c\n" + fasta if fasta[:1] != b">" else fasta, False, bed)
