@@ -7,6 +7,7 @@ Ray itself. Faults injected and windows lost or duplicated go to the session's f
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import pickle
@@ -27,7 +28,8 @@ from hypothesis import strategies as st
 
 from agpipe.cli import main
 from agpipe.io.fasta import GenomeError, open_genome
-from agpipe.io.parquet import TEMP_NAME, decode_contig, read_json, read_windows_table
+from agpipe.io.parquet import TEMP_NAME, OutputError, decode_contig, output_error, read_json, read_windows_table
+from agpipe.jobs import run as run_module
 from agpipe.jobs.options import RunOptions
 from agpipe.jobs.plan import plan_windows
 from agpipe.jobs.run import run_job
@@ -221,6 +223,34 @@ def test_a_full_disk_stops_the_run_in_one_line_and_a_rerun_with_space_resumes(tm
         assert any(line.startswith(f"resuming: {kept} of") for line in log), log
         found = audit(out, options(small_genome, out))
     fault_ledger("disk full mid-run (tmpfs); rerun with space", 1, found)
+    assert_clean(found)
+
+
+def test_a_failed_save_of_the_run_tables_stops_the_run_and_a_rerun_resumes(tmp_path, small_genome, ray_address, monkeypatch, fault_ledger):
+    """ENOSPC while the driver saves windows.parquet mid-run (simulated: the driver's own writes run
+    in this process): the run stops with that one error, the previous tables stand, a rerun resumes."""
+    out = tmp_path / "out"
+    saves = []
+
+    def write_windows_table(folder, rows):
+        saves.append(1)
+        if len(saves) == 3:
+            raise output_error(Path(folder) / "windows.parquet", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        return real_write(folder, rows)
+
+    real_write = run_module.write_windows_table
+    monkeypatch.setattr(run_module, "SAVE_WINDOWS", 2)
+    monkeypatch.setattr(run_module, "write_windows_table", write_windows_table)
+    with pytest.raises(OutputError) as failed:
+        run(small_genome, out, ray_address)
+    assert str(failed.value) == f"cannot write {out / 'windows.parquet'}: No space left on device"
+    assert len(saves) == 4 and no_temporaries(out)  # the failed save, then the final save tried once more
+    kept = sum(w.status == "done" for w in read_windows_table(out))
+    monkeypatch.undo()
+    summary = run(small_genome, out, ray_address)
+    assert summary.status == "complete" and summary.computed == summary.counts["done"] - kept
+    found = audit(out, options(small_genome, out))
+    fault_ledger("windows.parquet save fails (ENOSPC) mid-run; rerun", 1, found)
     assert_clean(found)
 
 

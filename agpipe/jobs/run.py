@@ -116,6 +116,7 @@ def run_job(
             write_tracks_table(options.out, job.track_rows)
             run.save("running")
             workers: list = []
+            stream = None
             try:
                 workers, device = start_workers(job, execution, placement)
                 run.summary.device = device
@@ -128,6 +129,8 @@ def run_job(
                 stream = WindowStream(todo, workers, execution.batch_size, limit, io_tasks(job, node_id))
                 run.follow(stream, job.window_count - len(trusted), progress, log)
             except BaseException as error:
+                if stream is not None:
+                    stream.cancel()  # nothing may write into OUT once the lock is let go
                 run.summary.error = run.summary.error or error_line(error)
                 with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the run
                     run.save("failed")

@@ -37,6 +37,7 @@ WORKER_GONE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnschedulableE
 WINDOW_LOST = (ray.exceptions.ObjectLostError, ray.exceptions.ActorUnavailableError)
 WINDOW_RETRIES = 3  # times a window goes round again after such losses
 PROBE_SECONDS = 0.5  # between calls to a rested worker
+CANCEL_SECONDS = 30.0  # the most a failed run waits for its cancelled writes to end
 
 
 def windows_in_flight(execution: Execution, window_bytes: int, store_bytes: float) -> int:
@@ -107,6 +108,16 @@ class WindowStream:
     def stop(self) -> None:
         """Submit nothing more; what is in flight still finishes."""
         self.stopped = True
+
+    def cancel(self, timeout: float = CANCEL_SECONDS) -> None:
+        """Submits nothing more and cancels the writing in flight, waiting (up to `timeout`) for it
+        to end: a run that fails lets go of OUT with nothing still writing there. A write cancelled
+        mid-file removes its temporary (agpipe.io.parquet)."""
+        self.stop()
+        if writes := list(self.writes):
+            for ref in writes:
+                ray.cancel(ref)
+            ray.wait(writes, num_returns=len(writes), timeout=timeout, fetch_local=False)
 
     def __iter__(self) -> Iterator[tuple[Window, WrittenWindow | Exception]]:
         while True:
