@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
@@ -30,8 +31,9 @@ from agpipe.cli import main
 from agpipe.io.fasta import GenomeError, open_genome
 from agpipe.io.parquet import TEMP_NAME, OutputError, decode_contig, output_error, read_json, read_windows_table
 from agpipe.jobs import run as run_module
-from agpipe.jobs.options import RunOptions
-from agpipe.jobs.plan import plan_windows
+from agpipe.jobs.options import Node, RunOptions, resolve_execution
+from agpipe.jobs.plan import Window, plan_windows
+from agpipe.jobs.stream import WindowStream
 from agpipe.jobs.run import run_job
 from agpipe.model.checkpoint import CheckpointError, load_weights, read_weights_header, save_weights
 from agpipe.model.config import SMALL
@@ -199,6 +201,65 @@ def test_weights_that_changed_since_the_run_are_refused_on_resume(tmp_path, smal
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "other weights" in lines[0] and "sha256" in lines[0], result.stderr
     assert files(out) == before
+
+
+# ---------------------------------------------------------------- workers: placement, unanswering workers
+
+
+def test_workers_are_placed_on_nodes_they_fit_and_one_cpu_is_an_error_not_a_hang():
+    cpu = RunOptions(genome=Path("g.fa"), out=Path("o"), device="cpu")
+    place = lambda *nodes: resolve_execution(cpu, [Node(*n) for n in nodes])  # noqa: E731
+    # One node of 2 CPUs (as before): a worker of one CPU, one CPU left for reading and writing.
+    execution, placement = place(("a", 2, 0, True))
+    assert placement == ["a"] and execution.worker_cpus == 1
+    # A head of 1 CPU and two worker nodes of 1 CPU: one worker on each worker node, none on the head
+    # (a 2-CPU worker, sized from the cluster's total, fitted no node and the run waited for ever).
+    execution, placement = place(("head", 1, 0, True), ("w1", 1, 0, False), ("w2", 1, 0, False))
+    assert placement == ["w1", "w2"] and execution.worker_cpus == 1
+    execution, placement = place(("a", 64, 0, True))
+    assert placement == ["a"] * 3 and execution.worker_cpus == 16
+    with pytest.raises(ValueError, match="--num-cpus 2"):  # the worker would take the only CPU: reads never ran
+        place(("a", 1, 0, True))
+    execution, placement = resolve_execution(RunOptions(genome=Path("g.fa"), out=Path("o")), [Node("a", 16, 2, True), Node("b", 8, 1, False)])
+    assert execution.device == "cuda" and placement == ["a", "a", "b"]
+
+
+@ray.remote(num_cpus=0)
+class FlakyWorker:
+    """A stand-in for ModelWorker that does not answer its first batch, as a worker whose process
+    is being restarted or whose node is not yet declared dead."""
+
+    def __init__(self, silent: int):
+        self.silent = silent
+        self.probes = 0
+
+    def predict(self, *items):
+        if self.silent > 0:
+            self.silent -= 1
+            raise ray.exceptions.ActorUnavailableError("restarting", None)
+        return list(items) if len(items) > 1 else items[0]
+
+    def describe(self) -> str:
+        self.probes += 1
+        return "stand-in"
+
+    def probed(self) -> int:
+        return self.probes
+
+
+@ray.remote(num_cpus=0)
+def echo(item):
+    return item
+
+
+def test_a_worker_that_does_not_answer_is_rested_its_windows_go_round_and_it_comes_back(ray_address):
+    windows = [Window(i, "chr1", 100 * i, 100 * i + 100, 100 * i, 100 * i + 100) for i in range(12)]
+    workers = [FlakyWorker.remote(1), FlakyWorker.remote(0)]
+    stream = WindowStream(iter(windows), workers, batch_size=2, limit=6, tasks=(ray.put, lambda w, p: echo.remote(p)))
+    outcomes = list(stream)
+    assert sorted(w.window_id for w, _ in outcomes) == list(range(12))  # each window once
+    assert all(outcome == w for w, outcome in outcomes) and stream.lost_workers is None
+    assert ray.get(workers[0].probed.remote()) >= 1 and 0 in stream.workers  # probed, and back in rotation
 
 
 # ---------------------------------------------------------------- write failures
