@@ -4,9 +4,12 @@ and the manifest, saved as it goes), a progress bar and a closing summary.
     summary = run_job(RunOptions(genome=Path("genome.fa"), out=Path("run1")))
 
 agpipe.jobs.stream moves the windows through Ray. Faults: a worker process that dies is restarted by
-Ray (max_restarts), which reruns its unfinished batches on the new process (max_task_retries). A
-window that still fails is recorded `failed`, the run goes on and ends with status `failed`;
-rerunning the command computes what is missing (agpipe.jobs.runfolder describes resuming).
+Ray on its node (max_restarts), which reruns its unfinished batches on the new process
+(max_task_retries); the windows of a worker whose node is gone go to the others. A window that
+still fails is recorded `failed`, the run goes on and ends with status `failed`; an output folder
+that cannot take more (disk full, permission denied) stops the run at its first failed write.
+Rerunning the command computes what is missing (agpipe.jobs.runfolder describes resuming).
+docs/reliability.md lists the faults tested.
 """
 
 from __future__ import annotations
