@@ -31,7 +31,16 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from agpipe import __version__
-from agpipe.io.parquet import MANIFEST_FILE, SCHEMA_VERSION, STATUSES, WindowRecord, write_json_atomic, write_tracks_table, write_windows_table
+from agpipe.io.parquet import (
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    STATUSES,
+    OutputError,
+    WindowRecord,
+    write_json_atomic,
+    write_tracks_table,
+    write_windows_table,
+)
 from agpipe.jobs.estimate import full_window, window_value_bytes
 from agpipe.jobs.options import Execution, Job, Node, RunOptions, prepare_job, resolve_execution
 from agpipe.jobs.plan import Window
@@ -133,7 +142,8 @@ def run_job(
                 run.follow(stream, job.window_count - len(trusted), progress, log)
             except BaseException as error:
                 if stream is not None:
-                    stream.cancel()  # nothing may write into OUT once the lock is let go
+                    with contextlib.suppress(Exception):  # best effort: the error that stopped the run comes first
+                        stream.cancel()  # nothing may write into OUT once the lock is let go
                 run.summary.error = run.summary.error or error_line(error)
                 with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the run
                     run.save("failed")
@@ -289,7 +299,7 @@ class Recorder:
                             stream.stop()
                         else:
                             log(f"{where}: {record.nonfinite_count} non-finite values (flagged in windows.parquet)")
-                elif isinstance(getattr(outcome, "cause", None) or outcome, OSError):
+                elif isinstance(getattr(outcome, "cause", None) or outcome, OutputError):
                     # OUT cannot take more (disk full, permission denied, read-only): every window
                     # would fail the same way, so stop at the first and keep what is written.
                     record = pending_record(window, "failed")
