@@ -184,6 +184,12 @@ def test_an_unreadable_windows_table_trusts_nothing(tmp_path, small_genome, ray_
     fault_ledger("windows.parquet truncated; rerun", 1, found)
     assert_clean(found)
 
+    # The audit sees a window written twice: a copy of one of its parts under another name.
+    part = next(p for w in read_windows_table(out) if w.status == "done" for p in w.parts if "resolution=1/" in p.path)
+    (out / part.path).with_name("part-99999999.parquet").write_bytes((out / part.path).read_bytes())
+    planted = audit(out, options(small_genome, out, contigs="chr2,chrM"))
+    assert (planted.windows_duplicated, planted.rows_duplicated, planted.orphan_parts) == (1, part.rows, 1)
+
 
 def test_weights_that_changed_since_the_run_are_refused_on_resume(tmp_path, small_genome, ray_address):
     weights = tmp_path / "mine.safetensors"
