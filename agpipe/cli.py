@@ -266,7 +266,7 @@ def demo(out: Path, overwrite: bool) -> None:
 def finish(summary, fail_on_divergence: bool = True) -> None:
     """Prints a run's closing summary; a run that did not complete exits non-zero with its error,
     and so does one whose parity verdict is not pass (unless told only to report it)."""
-    for line in summary.lines():
+    for line in summary.lines(error=False):  # the error, if any, is the last line
         click.echo(line, err=True)
     if summary.status != "complete":
         raise UserError(summary.error or "the run did not complete")

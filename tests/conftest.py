@@ -65,3 +65,44 @@ def small_genome(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(7)
     records = {name: random_sequence(rng, length, N_RUNS.get(name, [])) for name, length in SMALL_GENOME.items()}
     return write_fasta(tmp_path_factory.mktemp("genome") / "small.fa", records)
+
+
+# ---------------------------------------------------------------- fault figures (docs/reliability.md)
+
+FAULT_LEDGER: list[dict] = []
+
+
+@pytest.fixture
+def fault_ledger(request):
+    """record(fault, injected, audit): one line of the faults table printed at the end of the session
+    (and written as JSON to $AGPIPE_FAULT_LEDGER if set); `audit` is a tests/run_audit.py Audit."""
+
+    def record(fault: str, injected: int, audit) -> None:
+        FAULT_LEDGER.append(
+            {
+                "test": request.node.name,
+                "fault": fault,
+                "injected": injected,
+                "windows": audit.planned,
+                "windows_lost": audit.windows_lost,
+                "windows_duplicated": audit.windows_duplicated,
+                "problems": audit.problems(),
+            }
+        )
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not FAULT_LEDGER:
+        return
+    import json
+
+    write = terminalreporter.write_line
+    terminalreporter.section("faults injected")
+    for row in FAULT_LEDGER:
+        write(f"{row['fault']:<58} injected {row['injected']}  windows {row['windows']:>3}  lost {row['windows_lost']}  duplicated {row['windows_duplicated']}")
+    total = {k: sum(r[k] for r in FAULT_LEDGER) for k in ("injected", "windows_lost", "windows_duplicated")}
+    write(f"total: {total['injected']} faults injected, {total['windows_lost']} windows lost, {total['windows_duplicated']} windows duplicated")
+    if path := os.environ.get("AGPIPE_FAULT_LEDGER"):
+        Path(path).write_text(json.dumps({"faults": FAULT_LEDGER, "total": total}, indent=2) + "\n")

@@ -61,6 +61,7 @@ MIN_ROW_GROUP_ROWS = 1024
 # globs match dot files, so a `*.parquet` glob would otherwise read a half-written file).
 TEMP_SUFFIX = ".partial"
 TEMP_NAME = re.compile(r"^\.tmp-[0-9a-f]{32}-.+\.partial$")
+PYARROW_ERRNO = re.compile(r"\[errno (\d+)\]")
 
 SAFE_CONTIG_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
@@ -465,17 +466,22 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> tuple[int, s
         with contextlib.suppress(OSError):
             temp.unlink(missing_ok=True)
         if isinstance(err, OSError) and not isinstance(err, OutputError):
-            raise _output_error(path, err) from err
+            raise output_error(path, err) from err
         raise
     _sync_directory(path.parent)
     return size, sha256
 
 
-def _output_error(path: Path, err: OSError) -> OutputError:
-    # pyarrow's messages can name the temporary and span lines; the errno's text says it all.
-    reason = err.strerror or (os.strerror(err.errno) if err.errno else str(err)) or type(err).__name__
+def output_error(path: Path, err: OSError) -> OutputError:
+    """An OS error writing `path` as one line naming it (and its errno, for telling a full disk apart)."""
+    # pyarrow's messages (its strerror too) name the temporary and may span lines, e.g. "Error writing
+    # bytes to file. Detail: [errno 28] No space left on device"; the errno's text says it all.
+    number = err.errno
+    if number is None and (found := PYARROW_ERRNO.search(str(err))):
+        number = int(found.group(1))
+    reason = (os.strerror(number) if number else err.strerror or str(err)) or type(err).__name__
     error = OutputError(f"cannot write {path}: {' '.join(reason.split())}")
-    error.errno = err.errno  # lets a caller tell a full disk (ENOSPC) from a permission problem
+    error.errno = number  # lets a caller tell a full disk (ENOSPC) from a permission problem
     return error
 
 

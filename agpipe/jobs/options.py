@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from agpipe.io.bed import read_regions
@@ -180,8 +180,25 @@ class Execution:
     worker_cpus: int  # Ray CPUs each worker reserves (and its torch threads on CPU)
 
 
-def resolve_execution(options: RunOptions, cluster_gpus: int, cluster_cpus: int) -> Execution:
-    """Device, precision, compile, batch size and workers: one per GPU; on CPU see cpu_workers."""
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """A live Ray node, as far as placing model workers goes."""
+
+    node_id: str
+    cpus: int
+    gpus: int
+    driver: bool  # agpipe runs here: its reading and writing tasks need some of this node's CPUs
+
+
+def resolve_execution(options: RunOptions, nodes: Sequence[Node]) -> tuple[Execution, list[str]]:
+    """Device, precision, compile, batch size and workers, and the node of each worker: one per GPU
+    of each node; on CPU see cpu_workers.
+
+    Each worker is pinned to its node. A worker process that dies is restarted there; a worker
+    whose node is gone cannot be placed again and its windows go to the others. Left to Ray, it
+    would wait for a free GPU elsewhere, and on a cluster whose GPUs are all busy with this run's
+    other workers the run would hang for good."""
+    cluster_gpus = sum(n.gpus for n in nodes)
     device = options.device
     if device == "auto":
         device = "cuda" if cluster_gpus else "cpu"
@@ -192,16 +209,25 @@ def resolve_execution(options: RunOptions, cluster_gpus: int, cluster_cpus: int)
     default_batch = max(1, GPU_BATCH_BASES // options.window) if device == "cuda" else 1
     batch_size = options.batch_size or default_batch
     if device == "cuda":
-        return Execution(device, precision, compile_model, batch_size, cluster_gpus, 1)
-    workers, cpus = cpu_workers(cluster_cpus)
-    return Execution(device, precision, compile_model, batch_size, workers, cpus)
+        placement = [n.node_id for n in nodes for _ in range(n.gpus)]
+        return Execution(device, precision, compile_model, batch_size, len(placement), 1), placement
+    cpus, placement = cpu_workers(nodes)
+    return Execution(device, precision, compile_model, batch_size, len(placement), cpus), placement
 
 
-def cpu_workers(cluster_cpus: int) -> tuple[int, int]:
-    """(workers, CPUs each) for a CPU-only run. A quarter of the CPUs (at least one) stay free for
-    the reading and writing tasks; the rest go to workers of about CPUS_PER_CPU_WORKER threads, as
-    one model using many threads beats many models sharing memory bandwidth. On 2 CPUs: one worker
-    of one CPU (its torch threads: see ModelWorker's `threads`)."""
-    usable = max(1, cluster_cpus - max(1, cluster_cpus // 4))
-    workers = max(1, usable // CPUS_PER_CPU_WORKER)
-    return workers, usable // workers
+def cpu_workers(nodes: Sequence[Node]) -> tuple[int, list[str]]:
+    """(CPUs each, node of each worker) for a CPU-only run. The node running agpipe keeps a quarter
+    of its CPUs (at least one) for the reading and writing tasks; the rest of every node goes to
+    workers of about CPUS_PER_CPU_WORKER threads, as one model using many threads beats many models
+    sharing memory bandwidth. All workers have one size, set by the largest node, so each fits on
+    its node. On one node of 2 CPUs: one worker of one CPU (its torch threads: see ModelWorker's
+    `threads`)."""
+    usable = [(n.node_id, n.cpus - (max(1, n.cpus // 4) if n.driver else 0)) for n in nodes]
+    largest = max((cpus for _, cpus in usable), default=0)
+    if largest < 1:
+        raise ValueError(
+            "the Ray cluster has no CPU to spare for a model worker: the node running agpipe keeps one for "
+            "reading and writing, so give it at least 2 (--num-cpus 2) or add a node"
+        )
+    each = largest // max(1, largest // CPUS_PER_CPU_WORKER)
+    return each, [node for node, cpus in usable for _ in range(cpus // each)]

@@ -4,9 +4,12 @@ and the manifest, saved as it goes), a progress bar and a closing summary.
     summary = run_job(RunOptions(genome=Path("genome.fa"), out=Path("run1")))
 
 agpipe.jobs.stream moves the windows through Ray. Faults: a worker process that dies is restarted by
-Ray (max_restarts), which reruns its unfinished batches on the new process (max_task_retries). A
-window that still fails is recorded `failed`, the run goes on and ends with status `failed`;
-rerunning the command computes what is missing (agpipe.jobs.runfolder describes resuming).
+Ray on its node (max_restarts), which reruns its unfinished batches on the new process
+(max_task_retries); the windows of a worker whose node is gone go to the others. A window that
+still fails is recorded `failed`, the run goes on and ends with status `failed`; an output folder
+that cannot take more (disk full, permission denied) stops the run at its first failed write.
+Rerunning the command computes what is missing (agpipe.jobs.runfolder describes resuming).
+docs/reliability.md lists the faults tested.
 """
 
 from __future__ import annotations
@@ -25,13 +28,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from agpipe import __version__
-from agpipe.io.parquet import MANIFEST_FILE, SCHEMA_VERSION, STATUSES, WindowRecord, write_json_atomic, write_tracks_table, write_windows_table
+from agpipe.io.parquet import (
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    STATUSES,
+    OutputError,
+    WindowRecord,
+    write_json_atomic,
+    write_tracks_table,
+    write_windows_table,
+)
 from agpipe.io.results import open_run
 from agpipe.jobs.estimate import full_window, window_value_bytes
-from agpipe.jobs.options import Execution, Job, RunOptions, cpu_workers, prepare_job, resolve_execution
+from agpipe.jobs.options import Execution, Job, Node, RunOptions, cpu_workers, prepare_job, resolve_execution
 from agpipe.jobs.parity import DEFAULT_SAMPLE, ParityError, ParitySettings, parse_sample
 from agpipe.jobs.parity_stage import run_parity_stage
 from agpipe.jobs.plan import Window
@@ -46,6 +59,7 @@ from agpipe.model.checkpoint import find_orbax_root
 SAVE_SECONDS = 5.0
 SAVE_WINDOWS = 25
 WORKER_RESTARTS = 3
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # see loopback_only
 ERRORS_SHOWN = 5
 
 
@@ -69,7 +83,8 @@ class RunSummary:
     error: str | None = None
     parity: dict | None = None  # the manifest's parity field: this run's check, or the one recorded
 
-    def lines(self) -> list[str]:
+    def lines(self, error: bool = True) -> list[str]:
+        """The closing summary; `error=False` leaves out the error line, for a caller that shows it."""
         c = self.counts
         rate = f"{self.bases / self.wall_seconds:,.0f} bases/s" if self.wall_seconds else "-"
         lines = [
@@ -83,7 +98,7 @@ class RunSummary:
             f"model {self.compute_seconds:.1f} s{' on ' + self.device if self.device else ''}",
             f"written: {self.bytes_written / 1e6:,.1f} MB; non-finite values in the run: {self.nonfinite_total}",
         ]
-        return lines + ([f"error: {self.error}"] if self.error else []) + self.parity_lines()
+        return lines + ([f"error: {self.error}"] if self.error and error else []) + self.parity_lines()
 
     def parity_lines(self) -> list[str]:
         if self.parity is not None:
@@ -117,11 +132,11 @@ def run_job(
         log(f"resuming: {len(trusted)} of {job.window_count} windows are already done in {options.out}")
     parity = run_parity_settings(options)
     with ray_cluster(ray_address, num_cpus):
-        resources = ray.cluster_resources()
-        execution = resolve_execution(options, int(resources.get("GPU", 0)), int(resources.get("CPU", 0)))
+        node_id, store_bytes = driver_node()
+        nodes = cluster_nodes(node_id)
+        execution, placement = resolve_execution(options, nodes)
         if previous:
             check_same_precision(options.out, previous, execution.precision)
-        node_id, store_bytes, node_cpus = driver_node()
         with locked_run_folder(options.out, options.overwrite):
             records = {w.window_id: trusted.get(w.window_id) or pending_record(w) for w in job.windows()}
             run = Recorder(job, execution, records, started, command_line, parity)
@@ -129,26 +144,37 @@ def run_job(
             write_tracks_table(options.out, job.track_rows)
             run.save("running")
             workers: list = []
+            stream = None
             try:
-                workers, device = start_workers(job, execution)
+                workers, device = start_workers(job, execution, placement)
                 run.summary.device = device
                 log(
                     f"running {job.window_count - len(trusted)} windows on {execution.workers} worker(s) ({device}): "
                     f"{execution.precision}, batch {execution.batch_size}{', compiled' if execution.compile else ''}"
                 )
-                io_cpus = node_cpus - execution.workers * execution.worker_cpus  # if the workers share this node
+                driver_cpus = next(n.cpus for n in nodes if n.driver)
+                io_cpus = driver_cpus - execution.worker_cpus * placement.count(node_id)  # what the workers leave
                 limit = windows_in_flight(execution, window_value_bytes(job, full_window(job)), store_bytes, io_cpus)
                 todo = (w for w in job.windows() if w.window_id not in trusted)
                 stream = WindowStream(todo, workers, execution.batch_size, limit, io_tasks(job, node_id))
                 run.follow(stream, job.window_count - len(trusted), progress, log)
             except BaseException as error:
+                if stream is not None:
+                    with contextlib.suppress(Exception):  # best effort: the error that stopped the run comes first
+                        stream.cancel()  # nothing may write into OUT once the lock is let go
                 run.summary.error = run.summary.error or error_line(error)
-                run.save("failed")
+                with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the run
+                    run.save("failed")
                 raise
             finally:
                 for worker in workers:  # frees their GPUs now, not when the driver exits
                     ray.kill(worker)
-            run.save("complete" if run.finished() else "failed")
+            try:
+                run.save("complete" if run.finished() else "failed")
+            except OSError:
+                if run.summary.error:  # what stopped the run, e.g. the part file that filled the disk
+                    raise RunError(run.summary.error) from None
+                raise
             if parity is not None and run.summary.status == "complete":
                 run.summary.parity = run_parity_stage(options.out, parity, execution.device, execution.worker_cpus, log)
     return run.summary
@@ -177,10 +203,10 @@ def check_run(
     What is not given is taken from the run's last check, else from the run's own options."""
     settings = recheck_settings(open_run(out).manifest, sample, seed, reference_checkpoint, reference_precision)
     with ray_cluster(ray_address, num_cpus):
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        gpus = int(ray.cluster_resources().get("GPU", 0))
         with locked_run_folder(out, overwrite=False):
-            return run_parity_stage(out, settings, "cuda" if gpus else "cpu", cpu_workers(cpus)[1], log)
+            reference_cpus = cpu_workers(cluster_nodes(ray.get_runtime_context().get_node_id()))[0]
+            return run_parity_stage(out, settings, "cuda" if gpus else "cpu", reference_cpus, log)
 
 
 def recheck_settings(manifest: dict, sample: float | None, seed: int | None, reference_checkpoint: Path | None, reference_precision: str | None) -> ParitySettings:
@@ -223,34 +249,71 @@ def finish_resumed(job: Job, manifest: dict, trusted: dict[int, WindowRecord], l
 @contextlib.contextmanager
 def ray_cluster(address: str | None, num_cpus: int | None) -> Iterator[None]:
     """Connects to `address`, else to RAY_ADDRESS (as under `ray job submit`), else starts a local
-    Ray instance for this job (dashboard off) and stops it afterwards. A driver that is already
-    connected (tests, notebooks) is used as it is."""
+    Ray instance for this job (loopback only, dashboard off) and stops it afterwards. A driver that
+    is already connected (tests, notebooks) is used as it is."""
     if ray.is_initialized():
         yield
         return
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        with loopback_only():
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield
     finally:
         ray.shutdown()  # stops a local instance; only disconnects from a cluster
 
 
-def driver_node() -> tuple[str, float, int]:
-    """(node id, object store bytes, CPUs) of the node this driver runs on: reading and writing run there."""
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Makes a local Ray instance started inside the block listen on 127.0.0.1 only.
+
+    On Linux Ray (2.60) maps 127.0.0.1, even when passed as `_node_ip_address`, to the machine's
+    address, and its GCS, raylets and workers listen on every interface. Only with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what Ray does on macOS and Windows) does it keep 127.0.0.1
+    as the node's address, and its servers then bind to loopback alone. Ray reads the variable at
+    import, so the constant is set too; the processes Ray starts inherit the variable. Both are
+    restored afterwards, so a later connection to a real cluster from this process is unaffected."""
+    from ray._private import ray_constants
+
+    previous = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous[1]
+        if previous[0] is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = previous[0]
+
+
+def driver_node() -> tuple[str, float]:
+    """(node id, object store bytes) of the node this driver runs on: reading and writing run there."""
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     if not node["Resources"].get("CPU"):
         raise RunError("the Ray node running agpipe has no CPUs for its reading and writing tasks: run agpipe on a node with CPUs")
-    return node_id, node["Resources"].get("object_store_memory", 0), int(node["Resources"]["CPU"])
+    return node_id, node["Resources"].get("object_store_memory", 0)
 
 
-def start_workers(job: Job, execution: Execution) -> tuple[list, str]:
-    """The model workers, loaded and ready; and what they run on."""
+def cluster_nodes(driver_node_id: str) -> list[Node]:
+    """The live nodes of the cluster, with their CPUs and GPUs."""
+    return [
+        Node(n["NodeID"], int(n["Resources"].get("CPU", 0)), int(n["Resources"].get("GPU", 0)), n["NodeID"] == driver_node_id)
+        for n in ray.nodes()
+        if n["Alive"]
+    ]
+
+
+def start_workers(job: Job, execution: Execution, placement: list[str]) -> tuple[list, str]:
+    """The model workers, each pinned to its node (see resolve_execution), loaded and ready; and
+    what they run on."""
     env = {name: os.environ[name] for name in (EXIT_ON_BATCH_ENV,) if name in os.environ}
-    actor = ray.remote(ModelWorker).options(
+    actor = ray.remote(ModelWorker)
+    options = dict(
         num_gpus=1 if execution.device == "cuda" else 0,
         num_cpus=execution.worker_cpus,
         max_restarts=WORKER_RESTARTS,
@@ -260,11 +323,11 @@ def start_workers(job: Job, execution: Execution) -> tuple[list, str]:
     o = job.options
     threads = execution.worker_cpus if execution.device == "cpu" else None
     workers = [
-        actor.remote(
+        actor.options(**options, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
             str(job.weights.path), job.weights.sha256, o.organism, job.outputs, execution.precision,
             execution.device, execution.compile, execution.batch_size, o.window, threads, job.crop,
         )
-        for _ in range(execution.workers)
+        for node in placement
     ]
     try:
         devices = ray.get([w.describe.remote() for w in workers])
@@ -302,6 +365,7 @@ class Recorder:
         non-finite window under --on-nonfinite fail."""
         s = self.summary
         errors = 0
+        stopped_by_output = False
         with tqdm(total=todo, unit="window", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
             for window, outcome in stream:
                 if self.first_window_seconds is None:
@@ -320,12 +384,22 @@ class Recorder:
                             stream.stop()
                         else:
                             log(f"{where}: {record.nonfinite_count} non-finite values (flagged in windows.parquet)")
+                elif isinstance(getattr(outcome, "cause", None) or outcome, OutputError):
+                    # OUT cannot take more (disk full, permission denied, read-only): every window
+                    # would fail the same way, so stop at the first and keep what is written.
+                    record = pending_record(window, "failed")
+                    if not stopped_by_output:
+                        stopped_by_output = True
+                        s.error = f"{error_line(outcome)}; the run stopped: rerun the command to resume once it can write there"
+                        log(s.error)
+                        stream.stop()
                 else:
                     record = pending_record(window, "failed")
                     errors += 1
-                    s.error = f"window {window.window_id} failed: {error_line(outcome)}"
+                    line = f"window {window.window_id} failed: {error_line(outcome)}"
+                    s.error = s.error if stopped_by_output else line
                     if errors <= ERRORS_SHOWN:
-                        log(s.error)
+                        log(line)
                 self.records[window.window_id] = record
                 bar.update(1)
                 bar.set_postfix_str(f"{s.bases / max(time.monotonic() - self.started, 1e-9):,.0f} bases/s", refresh=False)

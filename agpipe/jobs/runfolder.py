@@ -25,6 +25,7 @@ from agpipe.io.parquet import (
     TRACKS_FILE,
     WINDOWS_FILE,
     WindowRecord,
+    output_error,
     read_json,
     read_windows_table,
     remove_stale_temporaries,
@@ -89,8 +90,12 @@ def describe(value: object) -> str:
 def locked_run_folder(out: Path, overwrite: bool) -> Iterator[None]:
     """Creates OUT and holds its lock while the run writes there; clears agpipe's files first with
     --overwrite, and always deletes temporaries a crashed run left behind (safe: we hold the lock)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK_FILE, "a") as lock:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK_FILE, "a")  # noqa: SIM115 - held open for the block
+    except OSError as e:  # read-only, not permitted, full: one line naming the path
+        raise output_error(Path(e.filename or out), e) from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -28,6 +29,15 @@ from agpipe.jobs.writer import WrittenWindow, write_prediction
 BATCHES_PER_WORKER = 2  # submitted to a worker at once: one computing, one waiting, so it never idles
 OBJECT_STORE_SHARE = 0.25  # of the driver node's object store, for predictions waiting to be written
 TRACEBACK_LAST_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception): (.+)$")
+# A worker that can take no more batches: its restarts are used up, or its node is gone (workers
+# are pinned to their nodes, see options.resolve_execution).
+WORKER_GONE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnschedulableError)
+# A window whose prediction was lost (its node died before it was written), or whose worker did
+# not answer through Ray's retries: it may or may not have been computed, so it is computed again.
+WINDOW_LOST = (ray.exceptions.ObjectLostError, ray.exceptions.ActorUnavailableError)
+WINDOW_RETRIES = 3  # times a window goes round again after such losses
+PROBE_SECONDS = 0.5  # between calls to a rested worker
+CANCEL_SECONDS = 30.0  # the most a failed run waits for its cancelled writes to end
 
 
 def windows_in_flight(execution: Execution, window_bytes: int, store_bytes: float, io_cpus: int) -> int:
@@ -70,48 +80,105 @@ class WindowStream:
     """Feeds windows to the workers in batches, a bounded number in flight, and yields each window
     with its outcome (WrittenWindow, or the exception that failed it) as its writing finishes.
 
-    A worker that dies is restarted by Ray, which reruns its batches. One that dies for good (its
-    restarts used up) is dropped and its windows go to the others; with none left, they fail.
+    A worker that dies is restarted by Ray on its node, which reruns its batches. One that does not
+    answer (Ray's retries used up while its process restarts or its node is being declared dead)
+    is rested: it gets no batches until a call to it succeeds, and its windows go to the others.
+    One that dies for good (its restarts used up, or its node gone) is dropped, its windows going
+    to the others; with none left, they fail. A prediction lost with its node is computed again.
     """
 
     def __init__(self, windows: Iterator[Window], workers: list, batch_size: int, limit: int, tasks: tuple[Callable, Callable]):
         self.windows = windows
-        self.workers = dict(enumerate(workers))  # the live ones
+        self.workers = dict(enumerate(workers))  # the live ones, taking batches
         self.batch_size = batch_size
         self.limit = limit
         self.read, self.write = tasks
         self.batches: dict[int, int] = dict.fromkeys(self.workers, 0)  # per worker: batches submitted, not done
         self.batch_done: dict[ray.ObjectRef, int] = {}  # a batch's first prediction -> its worker
         self.writes: dict[ray.ObjectRef, tuple[Window, int]] = {}  # write task -> its window and worker
-        self.requeued: deque[Window] = deque()  # windows of workers that died for good, to go first
+        self.probes: dict[ray.ObjectRef, tuple[int, object]] = {}  # a call to a rested worker -> it
+        self.requeued: deque[Window] = deque()  # windows of lost workers or predictions, to go first
+        self.retries: dict[int, int] = {}  # window id -> times requeued
         self.stopped = False
-        self.lost_workers: str | None = None  # why no worker is left, if so
+        self.last_loss: str | None = None  # why the latest worker was dropped
+
+    @property
+    def lost_workers(self) -> str | None:
+        """Why no worker is left, if none is."""
+        return None if self.workers or self.probes else self.last_loss
 
     def stop(self) -> None:
         """Submit nothing more; what is in flight still finishes."""
         self.stopped = True
 
+    def cancel(self, timeout: float = CANCEL_SECONDS) -> None:
+        """Submits nothing more and cancels the writing in flight, waiting (up to `timeout`) for it
+        to end: a run that fails lets go of OUT with nothing still writing there. A write cancelled
+        mid-file removes its temporary (agpipe.io.parquet)."""
+        self.stop()
+        if writes := list(self.writes):
+            for ref in writes:
+                ray.cancel(ref)
+            ray.wait(writes, num_returns=len(writes), timeout=timeout, fetch_local=False)
+
     def __iter__(self) -> Iterator[tuple[Window, WrittenWindow | Exception]]:
         while True:
             self._submit()
-            if not self.writes:
+            if not self.writes and (not self.probes or self.stopped):  # with rested workers only, wait for them
                 return
-            ready, _ = ray.wait([*self.writes, *self.batch_done], num_returns=1, fetch_local=False)
+            ready, _ = ray.wait([*self.writes, *self.batch_done, *self.probes], num_returns=1, fetch_local=False)
             for ref in ready:
                 if ref in self.batch_done:
                     self.batches[self.batch_done.pop(ref)] -= 1
+                    continue
+                if ref in self.probes:
+                    self._probed(ref)
                     continue
                 window, worker = self.writes.pop(ref)
                 try:
                     yield window, ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    if isinstance(getattr(e, "cause", e), ray.exceptions.ActorDiedError):
-                        self.workers.pop(worker, None)  # dead for good: Ray's restarts are used up
-                        if self.workers:
-                            self.requeued.append(window)
-                            continue
-                        self.lost_workers = error_line(e)
+                    cause = getattr(e, "cause", None) or e
+                    if isinstance(cause, WORKER_GONE):
+                        self._drop(worker, e)
+                    elif isinstance(cause, ray.exceptions.ActorUnavailableError):
+                        self._rest(worker)
+                    if isinstance(cause, (*WORKER_GONE, *WINDOW_LOST)) and (self.workers or self.probes) and self._retry(window):
+                        continue
                     yield window, e
+
+    def _drop(self, worker: int, error: Exception) -> None:
+        """A worker dead for good: its restarts are used up, or its node is gone."""
+        if self.workers.pop(worker, None) is not None:
+            self.last_loss = error_line(error)
+
+    def _rest(self, worker: int) -> None:
+        """Takes a worker that did not answer out of rotation until a call to it succeeds."""
+        handle = self.workers.pop(worker, None)
+        if handle is not None:
+            self.probes[handle.describe.remote()] = (worker, handle)
+
+    def _probed(self, ref: ray.ObjectRef) -> None:
+        worker, handle = self.probes.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as e:
+            if isinstance(getattr(e, "cause", None) or e, ray.exceptions.ActorUnavailableError):
+                time.sleep(PROBE_SECONDS)  # still restarting, or its node not yet declared dead: ask again
+                self.probes[handle.describe.remote()] = (worker, handle)
+            else:
+                self.last_loss = error_line(e)
+            return
+        self.workers[worker] = handle
+
+    def _retry(self, window: Window) -> bool:
+        """Queues a window whose worker or prediction was lost to go first, unless that happened
+        too often to it (a window that kills every worker it meets must not go round for ever)."""
+        self.retries[window.window_id] = self.retries.get(window.window_id, 0) + 1
+        if self.retries[window.window_id] > WINDOW_RETRIES:
+            return False
+        self.requeued.append(window)
+        return True
 
     def _submit(self) -> None:
         while not self.stopped and self.workers and len(self.writes) < self.limit:

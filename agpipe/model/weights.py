@@ -34,6 +34,8 @@ from agpipe.model.metadata import TrackMetadata, load_metadata, synthetic_metada
 from agpipe.model.precision import Precision, configure_backends
 
 DEFAULT_REPO = "google/alphagenome-all-folds"
+# Files that are (or usually wrap) Python pickles, which agpipe never loads: named in a clear error.
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib")
 DEMO_NAME = "demo-v1"
 DEMO_SEED = 20260127
 # The official metadata, pinned to one commit of google-deepmind/alphagenome_research and checked.
@@ -85,6 +87,11 @@ def resolve_weights(spec: str | None, model: str) -> Path:
     if spec is None:
         spec = "all-folds"
     path = Path(spec)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise WeightsError(
+            f"--weights {spec}: agpipe loads weights only from .safetensors files, never from pickles "
+            "(loading one can run any code); convert an official checkpoint with `agpipe convert`"
+        )
     if path.suffix == ".safetensors" or os.sep in spec:
         if not path.is_file():
             raise WeightsError(f"weights file {path} does not exist")
