@@ -25,6 +25,7 @@ from agpipe.model.checkpoint import (
     CheckpointError,
     config_to_json,
     file_sha256,
+    flatten_tree,
     load_weights,
     official_spec,
     official_to_ours,
@@ -67,15 +68,10 @@ def split_tree(flat: dict[str, object]) -> tuple[dict, dict]:
     return params, state
 
 
-def flatten(params: dict, state: dict) -> dict[str, np.ndarray]:
-    flat = {f"{m}/{n}": a for m, arrays in params.items() for n, a in arrays.items()}
-    flat.update({f"STATE {m}/{n}": a for m, arrays in state.items() for n, a in arrays.items()})
-    return flat
-
 
 def assert_bit_identical(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
     """Same paths, and at every path the same dtype, shape and bytes."""
-    fa, fb = flatten(*a), flatten(*b)
+    fa, fb = flatten_tree(*a), flatten_tree(*b)
     assert sorted(fa) == sorted(fb)
     for path in fa:
         x, y = np.asarray(fa[path]), np.asarray(fb[path])
@@ -143,7 +139,7 @@ def test_full_size_mapping_round_trip_without_allocating():
     assert all(t.strides == (0,) * t.ndim for t in tensors.values()), "a tensor was copied"
     spec = official_spec(OFFICIAL)
     assert all(tensors[entry.ours].flat[0] == index[p] for p, (entry, _) in spec.items())
-    back = flatten(*ours_to_official(tensors, OFFICIAL))
+    back = flatten_tree(*ours_to_official(tensors, OFFICIAL))
     assert {p: a.shape for p, a in back.items()} == {p: shape for p, (shape, _) in truth.items()}
     assert all(a.flat[0] == index[p] for p, a in back.items())
 

@@ -31,6 +31,7 @@ from agpipe.cli import main
 from agpipe.model import weights as weights_module
 from agpipe.model.checkpoint import (
     file_sha256,
+    flatten_tree,
     load_weights,
     official_spec,
     ours_to_official,
@@ -92,14 +93,9 @@ def assert_fails_in_one_line(result: Result, message: str) -> None:
     assert result.stderr == f"agpipe: error: {message}\n"
 
 
-def flatten(params: dict, state: dict) -> dict[str, np.ndarray]:
-    flat = {f"{m}/{n}": a for m, arrays in params.items() for n, a in arrays.items()}
-    flat.update({f"STATE {m}/{n}": a for m, arrays in state.items() for n, a in arrays.items()})
-    return flat
-
 
 def assert_bit_identical(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
-    fa, fb = flatten(*a), flatten(*b)
+    fa, fb = flatten_tree(*a), flatten_tree(*b)
     assert sorted(fa) == sorted(fb)
     for path in fa:
         x, y = np.asarray(fa[path]), np.asarray(fb[path])

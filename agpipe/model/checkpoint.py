@@ -57,7 +57,8 @@ def _split(path: str) -> tuple[str, str]:
     return module, name
 
 
-def _flatten(params: Mapping, state: Mapping) -> dict[str, np.ndarray]:
+def flatten_tree(params: Mapping, state: Mapping) -> dict[str, np.ndarray]:
+    """(params, state) -> {'module/path/name': array, 'STATE module/path/name': array}."""
     flat = {}
     for prefix, tree in (("", params), ("STATE ", state)):
         for module, arrays in tree.items():
@@ -69,7 +70,7 @@ def _flatten(params: Mapping, state: Mapping) -> dict[str, np.ndarray]:
 def official_to_ours(params: Mapping, state: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Maps an official (params, state) tree to our tensors; strict about names, shapes and dtypes."""
     spec = official_spec(cfg)
-    flat = _flatten(params, state)
+    flat = flatten_tree(params, state)
     for path in flat:
         if path not in spec:
             found = f"{tuple(np.shape(flat[path]))} {np.dtype(flat[path].dtype)}"

@@ -22,6 +22,7 @@ import torch
 
 from agpipe.model.alphagenome import AlphaGenome
 from agpipe.model.checkpoint import (
+    flatten_tree,
     WeightsFile,
     official_spec,
     official_to_ours,
@@ -112,8 +113,7 @@ def resolve_weights(spec: str | None, model: str) -> Path:
 
 def detect_config(params: dict, state: dict) -> ModelConfig:
     """The config whose official tree the checkpoint matches (official first), for `agpipe convert`."""
-    flat = {f"{m}/{n}": np.shape(a) for m, arrays in params.items() for n, a in arrays.items()}
-    flat.update({f"STATE {m}/{n}": np.shape(a) for m, arrays in state.items() for n, a in arrays.items()})
+    flat = {path: np.shape(a) for path, a in flatten_tree(params, state).items()}
     best, best_misses = OFFICIAL, None
     for cfg in CONFIGS.values():
         spec = official_spec(cfg)
