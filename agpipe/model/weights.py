@@ -22,8 +22,8 @@ import torch
 
 from agpipe.model.alphagenome import AlphaGenome
 from agpipe.model.checkpoint import (
-    flatten_tree,
     WeightsFile,
+    flatten_tree,
     official_spec,
     official_to_ours,
     random_official_tree,
