@@ -34,6 +34,7 @@ from agpipe.model.checkpoint import (
     random_official_tree,
     read_orbax,
     save_weights,
+    unflatten_tree,
     write_orbax,
 )
 from agpipe.model.config import OFFICIAL, SMALL
@@ -57,15 +58,6 @@ def official_tree_file() -> dict[str, tuple[tuple[int, ...], str]]:
         tree[path] = (tuple(int(n) for n in shape.replace(",", " ").split()), dtype)
     return tree
 
-
-def split_tree(flat: dict[str, object]) -> tuple[dict, dict]:
-    """'[STATE ]module/name' -> value  ==>  Haiku's (params, state) {module: {name: value}}."""
-    params: dict = {}
-    state: dict = {}
-    for path, value in flat.items():
-        module, _, name = path.removeprefix("STATE ").rpartition("/")
-        (state if path.startswith("STATE ") else params).setdefault(module, {})[name] = value
-    return params, state
 
 
 
@@ -131,7 +123,7 @@ def test_full_size_mapping_round_trip_without_allocating():
     copy shows, and 1.8 GB are never allocated."""
     truth = official_tree_file()
     index = {path: i for i, path in enumerate(truth)}
-    params, state = split_tree(
+    params, state = unflatten_tree(
         {p: np.broadcast_to(np.float32(index[p]), shape) for p, (shape, _) in truth.items()}
     )
     tensors = official_to_ours(params, state, OFFICIAL)
@@ -181,8 +173,8 @@ def test_the_same_weights_always_give_the_same_file(tmp_path):
 
 def test_weights_file_is_plain_safetensors(tmp_path):
     """Any safetensors reader sees our tensors and our header (format, config, tracks)."""
-    from safetensors.numpy import load_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file
 
     tensors = official_to_ours(*random_official_tree(SMALL, seed=10), SMALL)
     save_weights(tmp_path / "w.safetensors", tensors, SMALL, "{}")

@@ -36,6 +36,7 @@ from agpipe.model.checkpoint import (
     official_spec,
     ours_to_official,
     random_official_tree,
+    unflatten_tree,
     write_orbax,
 )
 from agpipe.model.config import DEFAULT_OUTPUTS, HEADS, OFFICIAL, ORGANISMS, SMALL
@@ -337,19 +338,10 @@ def test_convert_and_load_never_unpickle(small_checkpoint, tmp_path, monkeypatch
 # ---- config detection ---------------------------------------------------------------------------
 
 
-def split_tree(flat: dict[str, object]) -> tuple[dict, dict]:
-    """'[STATE ]module/name' -> value  ==>  Haiku's (params, state) {module: {name: value}}."""
-    params: dict = {}
-    state: dict = {}
-    for path, value in flat.items():
-        module, _, name = path.removeprefix("STATE ").rpartition("/")
-        (state if path.startswith("STATE ") else params).setdefault(module, {})[name] = value
-    return params, state
-
 
 def shapes_only(shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict]:
     """A (params, state) tree of jax.ShapeDtypeStruct: shapes without memory."""
-    return split_tree({path: jax.ShapeDtypeStruct(shape, np.float32) for path, shape in shapes.items()})
+    return unflatten_tree({path: jax.ShapeDtypeStruct(shape, np.float32) for path, shape in shapes.items()})
 
 
 def official_shapes() -> dict[str, tuple[int, ...]]:
@@ -382,7 +374,7 @@ def test_a_damaged_checkpoint_is_detected_as_the_size_it_nearly_is():
 
 def test_official_checkpoint_without_metadata_offline(tmp_path, monkeypatch, home):
     """The official size defaults to the official metadata, which must then be in the cache."""
-    zeros = split_tree({p: np.broadcast_to(np.float32(0), s) for p, s in official_shapes().items()})  # no memory
+    zeros = unflatten_tree({p: np.broadcast_to(np.float32(0), s) for p, s in official_shapes().items()})  # no memory
     monkeypatch.setattr(weights_module, "read_orbax", lambda directory: zeros)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "official.safetensors"

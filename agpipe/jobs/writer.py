@@ -17,7 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from agpipe.io.parquet import CONTACT_MAPS, JUNCTIONS, Junctions, PartInfo, TrackRow, WindowRecord, kept_rows, track_columns, write_window
+from agpipe.io.parquet import (
+    CONTACT_MAPS,
+    JUNCTIONS,
+    Junctions,
+    PartInfo,
+    TrackRow,
+    WindowRecord,
+    kept_rows,
+    track_columns,
+    write_window,
+)
 from agpipe.jobs.plan import Window
 from agpipe.jobs.worker import JunctionPairs, SkippedWindow, WindowPrediction
 from agpipe.model.config import Output
@@ -64,23 +74,11 @@ def output_columns(metadata: TrackMetadata, organism: str, outputs: Sequence[Out
     return columns, rows
 
 
-@dataclasses.dataclass(frozen=True)
-class Span:
-    """A WindowSpan: the window's kept span with [start, end) narrowed to rows a worker kept."""
-
-    window_id: int
-    chrom: str
-    start: int
-    end: int
-    out_start: int
-    out_end: int
-
-
-def cropped_span(window: Window, resolution: int) -> Span:
-    """The span covered by the rows kept_rows(window, resolution) of an output at that resolution."""
+def cropped_span(window: Window, resolution: int) -> Window:
+    """The window with its input span [start, end) narrowed to the rows kept_rows(window, resolution)
+    cover: what the kept predictions of an output at that resolution are written against."""
     rows = kept_rows(window, resolution)
-    start = window.start + resolution * rows.start
-    return Span(window.window_id, window.chrom, start, window.start + resolution * rows.stop, window.out_start, window.out_end)
+    return dataclasses.replace(window, start=window.start + resolution * rows.start, end=window.start + resolution * rows.stop)
 
 
 def write_prediction(

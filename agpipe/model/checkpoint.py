@@ -67,6 +67,16 @@ def flatten_tree(params: Mapping, state: Mapping) -> dict[str, np.ndarray]:
     return flat
 
 
+def unflatten_tree(flat: Mapping[str, np.ndarray]) -> tuple[Tree, Tree]:
+    """The inverse of flatten_tree: flat paths -> Haiku's (params, state) {module: {name: array}}."""
+    params: Tree = {}
+    state: Tree = {}
+    for path, array in flat.items():
+        module, name = _split(path.removeprefix("STATE "))
+        (state if path.startswith("STATE ") else params).setdefault(module, {})[name] = array
+    return params, state
+
+
 def official_to_ours(params: Mapping, state: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Maps an official (params, state) tree to our tensors; strict about names, shapes and dtypes."""
     spec = official_spec(cfg)
@@ -90,14 +100,12 @@ def official_to_ours(params: Mapping, state: Mapping, cfg: ModelConfig) -> dict[
 
 def ours_to_official(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> tuple[Tree, Tree]:
     """The inverse mapping: our tensors -> official (params, state), e.g. to run the JAX reference."""
-    params: Tree = {}
-    state: Tree = {}
+    flat = {}
     for path, (entry, shape) in official_spec(cfg).items():
         if entry.ours not in tensors:
             raise CheckpointError(f"missing tensor {entry.ours} (official {entry.official})")
-        module, name = _split(entry.official)
-        (state if entry.state else params).setdefault(module, {})[name] = np.asarray(tensors[entry.ours]).reshape(shape)
-    return params, state
+        flat[path] = np.asarray(tensors[entry.ours]).reshape(shape)
+    return unflatten_tree(flat)
 
 
 def random_official_tree(cfg: ModelConfig, seed: int = 0) -> tuple[Tree, Tree]:
@@ -109,8 +117,7 @@ def random_official_tree(cfg: ModelConfig, seed: int = 0) -> tuple[Tree, Tree]:
     grows its activations ~30x through the decoder and amplifies bfloat16 rounding accordingly.
     """
     rng = np.random.default_rng(seed)
-    params: Tree = {}
-    state: Tree = {}
+    flat = {}
     for path, (entry, shape) in official_spec(cfg).items():
         module, name = _split(entry.official)
         if name == "var_ema":
@@ -134,8 +141,8 @@ def random_official_tree(cfg: ModelConfig, seed: int = 0) -> tuple[Tree, Tree]:
         else:
             fan_in = int(np.prod(shape[:-1])) if "conv" in module else shape[-2] if len(shape) >= 2 else 1
             value = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
-        (state if entry.state else params).setdefault(module, {})[name] = value.astype(np.float32)
-    return params, state
+        flat[path] = value.astype(np.float32)
+    return unflatten_tree(flat)
 
 
 # ---- Orbax --------------------------------------------------------------------------------------
