@@ -128,6 +128,8 @@ def run_pipeline(genome: Path, weights: Path, out: Path, gpus: int, window: int,
         "bases": bases,
         "wall_s": wall,
         "first_window_s": first,
+        "workers_ready_s": timings.get("workers_ready_seconds"),  # includes Ray's start and planning
+        "worker_start_s": timings.get("worker_start_seconds"),  # the slowest worker: load, compile
         "steady_s": steady,
         "windows_per_s": len(done) / steady,
         "bases_per_s": bases / steady,

@@ -71,11 +71,11 @@ class Workers:
 
     def __enter__(self) -> Workers:
         def start_workers(*args, **kwargs):
-            workers, device = self.original(*args, **kwargs)
+            workers, *rest = self.original(*args, **kwargs)
             where = lambda self_: (os.getpid(), ray.get_runtime_context().get_node_id())  # noqa: E731
             self.info = ray.get([w.__ray_call__.remote(where) for w in workers])
             self.started.set()
-            return workers, device
+            return workers, *rest
 
         run_module.start_workers = start_workers
         return self

@@ -146,7 +146,8 @@ def run_job(
             workers: list = []
             stream = None
             try:
-                workers, device = start_workers(job, execution, placement)
+                workers, device, run.worker_start_seconds = start_workers(job, execution, placement)
+                run.workers_ready_seconds = time.monotonic() - started
                 run.summary.device = device
                 log(
                     f"running {job.window_count - len(trusted)} windows on {execution.workers} worker(s) ({device}): "
@@ -308,9 +309,9 @@ def cluster_nodes(driver_node_id: str) -> list[Node]:
     ]
 
 
-def start_workers(job: Job, execution: Execution, placement: list[str]) -> tuple[list, str]:
-    """The model workers, each pinned to its node (see resolve_execution), loaded and ready; and
-    what they run on."""
+def start_workers(job: Job, execution: Execution, placement: list[str]) -> tuple[list, str, dict[str, float]]:
+    """The model workers, each pinned to its node (see resolve_execution), loaded and ready; what
+    they run on; and the slowest worker's start seconds (load, compile)."""
     env = {name: os.environ[name] for name in (EXIT_ON_BATCH_ENV,) if name in os.environ}
     actor = ray.remote(ModelWorker)
     options = dict(
@@ -331,9 +332,10 @@ def start_workers(job: Job, execution: Execution, placement: list[str]) -> tuple
     ]
     try:
         devices = ray.get([w.describe.remote() for w in workers])
+        starts = ray.get([w.start_timings.remote() for w in workers])
     except ray.exceptions.RayError as e:
         raise RunError(f"a model worker failed to start: {error_line(e)}") from None
-    return workers, devices[0]
+    return workers, devices[0], {key: max(s[key] for s in starts) for key in starts[0]}
 
 
 class Recorder:
@@ -359,6 +361,8 @@ class Recorder:
         self.saved = time.monotonic()
         self.unsaved = 0  # windows finished since the last save
         self.first_window_seconds: float | None = None  # from the command's start to its first window
+        self.workers_ready_seconds: float | None = None  # from the command's start to loaded workers
+        self.worker_start_seconds: dict[str, float] = {}  # the slowest worker's load and compile
 
     def follow(self, stream: WindowStream, todo: int, progress: bool, log: Callable[[str], None]) -> None:
         """Records every window the stream finishes, saving as it goes; stops the stream on a
@@ -463,6 +467,8 @@ class Recorder:
                 "wall_seconds": round(s.wall_seconds, 3),
                 "compute_seconds": round(s.compute_seconds, 3),
                 "first_window_seconds": None if self.first_window_seconds is None else round(self.first_window_seconds, 3),
+                "workers_ready_seconds": None if self.workers_ready_seconds is None else round(self.workers_ready_seconds, 3),
+                "worker_start_seconds": self.worker_start_seconds,
                 "device": s.device,
             },
             "error": s.error,
