@@ -137,6 +137,7 @@ def run_pipeline(genome: Path, weights: Path, out: Path, gpus: int, window: int,
         "bytes_written_per_s": written / steady,
         "gpu_busy_fraction": float(np.mean(busy)) / 100 if busy else None,
         "model_seconds": timings.get("compute_seconds"),
+        "write_seconds": timings.get("write_seconds"),  # summed over windows: writing's CPU-seconds, roughly
         "model_only_windows_per_s": len(done) / timings["compute_seconds"] * gpus if timings.get("compute_seconds") else None,
         "stderr_tail": proc.stderr[-1500:],
     }

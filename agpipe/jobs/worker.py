@@ -78,7 +78,7 @@ class JunctionPairs:
 @dataclasses.dataclass(frozen=True)
 class WindowPrediction:
     window: Window
-    tracks: dict[Output, np.ndarray]  # per-bin outputs: rows kept_rows(window, resolution), (rows, tracks)
+    tracks: dict[Output, np.ndarray]  # per-bin outputs: rows kept_rows(window, resolution), (rows, tracks), column-major
     contact_maps: np.ndarray | None  # (P, P, tracks): the bins kept_rows(window, 2048) on both axes
     junction_positions: np.ndarray | None  # (4, K) sites, bases from the window start, -1 for none
     junction_pairs: tuple[JunctionPairs, JunctionPairs] | None  # + strand, - strand
@@ -199,7 +199,9 @@ def kept_outputs(
             skip = first // output.resolution
             kept = values[i, rows.start - skip : rows.stop - skip].float()
             nonfinite.append((~torch.isfinite(kept)).sum())
-            tracks[output] = kept.cpu().numpy()
+            # Column-major on the host (transposed on the device): Parquet writes track by track,
+            # so the writer then takes each column without copying.
+            tracks[output] = kept.t().contiguous().cpu().numpy().T
     return WindowPrediction(window, tracks, maps, positions, pairs, int(torch.stack(nonfinite).sum()) if nonfinite else 0)
 
 

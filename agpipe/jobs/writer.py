@@ -36,10 +36,12 @@ from agpipe.model.metadata import TrackMetadata
 
 @dataclasses.dataclass(frozen=True)
 class WrittenWindow:
-    """What the driver gets back for a window: its windows.parquet row and the model's seconds on it."""
+    """What the driver gets back for a window: its windows.parquet row, the model's seconds on it
+    and the seconds its writing took."""
 
     record: WindowRecord
     compute_seconds: float
+    write_seconds: float = 0.0
 
 
 def output_columns(metadata: TrackMetadata, organism: str, outputs: Sequence[Output]) -> tuple[dict[Output, list[str]], list[TrackRow]]:
@@ -115,9 +117,9 @@ def write_prediction(
     if result.contact_maps is not None:
         span = cropped_span(w, CONTACT_MAPS.resolution)
         parts += write_window(out_dir, span, contig_length, {}, columns, contact_maps=result.contact_maps)
-    seconds = result.seconds + time.perf_counter() - started
-    done = WindowRecord(**record, status="done", nonfinite_count=result.nonfinite_count, seconds=seconds, parts=tuple(parts))
-    return WrittenWindow(done, result.compute_seconds)
+    writing = time.perf_counter() - started
+    done = WindowRecord(**record, status="done", nonfinite_count=result.nonfinite_count, seconds=result.seconds + writing, parts=tuple(parts))
+    return WrittenWindow(done, result.compute_seconds, writing)
 
 
 def junctions_from_pairs(positions: np.ndarray, pairs: Sequence[JunctionPairs], offset: int) -> Junctions:
