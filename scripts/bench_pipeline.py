@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -129,7 +130,7 @@ def run_pipeline(genome: Path, weights: Path, out: Path, gpus: int, window: int,
         "wall_s": wall,
         "first_window_s": first,
         "workers_ready_s": timings.get("workers_ready_seconds"),  # includes Ray's start and planning
-        "worker_start_s": timings.get("worker_start_seconds"),  # the slowest worker: load, compile
+        "worker_start_s": timings.get("worker_start_seconds"),  # the slowest worker: read, load, compile
         "steady_s": steady,
         "windows_per_s": len(done) / steady,
         "bases_per_s": bases / steady,
@@ -138,6 +139,8 @@ def run_pipeline(genome: Path, weights: Path, out: Path, gpus: int, window: int,
         "gpu_busy_fraction": float(np.mean(busy)) / 100 if busy else None,
         "model_seconds": timings.get("compute_seconds"),
         "write_seconds": timings.get("write_seconds"),  # summed over windows: writing's CPU-seconds, roughly
+        # the share of the CPUs left to reading and writing that writing kept busy after the first window
+        "writer_cpu_busy_fraction": timings["write_seconds"] / steady / (cpus - gpus) if timings.get("write_seconds") else None,
         "model_only_windows_per_s": len(done) / timings["compute_seconds"] * gpus if timings.get("compute_seconds") else None,
         "stderr_tail": proc.stderr[-1500:],
     }
@@ -203,7 +206,8 @@ def main() -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"pipeline-{card.replace(' ', '_')}-{stamp}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"card": card, "window": args.window, "genome_mb": args.genome_mb, "cpus": cpus, "runs": rows}, indent=1))
+    shm = shutil.disk_usage("/dev/shm").total / 2**30 if Path("/dev/shm").exists() else None  # Ray's object store lives there
+    out.write_text(json.dumps({"card": card, "window": args.window, "genome_mb": args.genome_mb, "cpus": cpus, "dev_shm_gib": shm, "runs": rows}, indent=1))
     print(f"wrote {out}")
 
 

@@ -316,7 +316,7 @@ def cluster_nodes(driver_node_id: str) -> list[Node]:
 
 def start_workers(job: Job, execution: Execution, placement: list[str]) -> tuple[list, str, dict[str, float]]:
     """The model workers, each pinned to its node (see resolve_execution), loaded and ready; what
-    they run on; and the slowest worker's start seconds (load, compile)."""
+    they run on; and the slowest worker's start seconds (read, load, compile)."""
     env = {name: os.environ[name] for name in (EXIT_ON_BATCH_ENV,) if name in os.environ}
     actor = ray.remote(ModelWorker)
     options = dict(
@@ -368,7 +368,7 @@ class Recorder:
         self.unsaved = 0  # windows finished since the last save
         self.first_window_seconds: float | None = None  # from the command's start to its first window
         self.workers_ready_seconds: float | None = None  # from the command's start to loaded workers
-        self.worker_start_seconds: dict[str, float] = {}  # the slowest worker's load and compile
+        self.worker_start_seconds: dict[str, float] = {}  # the slowest worker's read, load and compile
 
     def follow(self, stream: WindowStream, todo: int, progress: bool, log: Callable[[str], None]) -> None:
         """Records every window the stream finishes, saving as it goes; stops the stream on a
