@@ -123,3 +123,22 @@ def test_worker_computes_heads_only_over_the_kept_spans(genome):
         for output in expected.tracks:
             np.testing.assert_allclose(got.tracks[output], expected.tracks[output], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got.contact_maps, expected.contact_maps, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_tracks_cross_to_the_host_as_bits_and_come_back_exact(tmp_path, genome):
+    """bf16 outputs travel as uint16 bit patterns (half the bytes); what is written is exactly the
+    model's bf16 values as float32, and a NaN among them is still counted."""
+    w = next(w for w in plan_windows(genome.contigs, WINDOW, CROP) if w.chrom == "chr1")
+    output = ALL_OUTPUTS[1]
+    bins = WINDOW // output.resolution
+    values = torch.randn(1, bins, 5, generator=torch.Generator().manual_seed(0)).mul(300).to(torch.bfloat16)
+    values[0, kept_rows(w, output.resolution).start, 2] = float("nan")
+    prediction = kept_outputs({output: values}, 0, w)
+    assert prediction.tracks[output].dtype == np.uint16 and prediction.nonfinite_count == 1
+    rows = kept_rows(w, output.resolution)
+    expected = values[0, rows.start : rows.stop].float().numpy()
+    np.testing.assert_array_equal(prediction.values(output), expected)  # NaN == NaN here
+    columns = {output: [f"t{i}" for i in range(5)]}
+    written = write_prediction(tmp_path, prediction, dict(genome.contigs)[w.chrom], columns, "flag")
+    table = pq.read_table(tmp_path / written.record.parts[0].path)
+    np.testing.assert_array_equal(np.stack([table[c].to_numpy() for c in columns[output]], axis=1), expected)

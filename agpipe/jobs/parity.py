@@ -203,7 +203,7 @@ def reference_rows(reference: WindowPrediction, output: Output) -> Rows:
     if output == CONTACT_MAPS:
         i, j = np.triu_indices(len(rows))  # the upper triangle is what is written
         return Rows(pair_keys(rows.start + i, rows.start + j, window), reference.contact_maps[i, j])
-    return Rows(np.arange(rows.start, rows.stop), reference.tracks[output])
+    return Rows(np.arange(rows.start, rows.stop), reference.values(output))
 
 
 def junction_keys(donor: np.ndarray, acceptor: np.ndarray, strand: np.ndarray) -> np.ndarray:

@@ -59,10 +59,6 @@ from agpipe.model.checkpoint import find_orbax_root
 SAVE_SECONDS = 5.0
 SAVE_WINDOWS = 25
 WORKER_RESTARTS = 3
-# A GPU worker runs two batches at once (a threaded actor): while one batch's outputs are copied to
-# the host and handed to the object store (CPU work, ~20-40 ms for 512 kb of 128 bp tracks), the
-# next batch's kernels are already queued on the GPU, which would otherwise wait for the hand-over.
-GPU_WORKER_CONCURRENCY = 2
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # see loopback_only
 ERRORS_SHOWN = 5
 
@@ -322,7 +318,6 @@ def start_workers(job: Job, execution: Execution, placement: list[str]) -> tuple
     options = dict(
         num_gpus=1 if execution.device == "cuda" else 0,
         num_cpus=execution.worker_cpus,
-        max_concurrency=GPU_WORKER_CONCURRENCY if execution.device == "cuda" else 1,
         max_restarts=WORKER_RESTARTS,
         max_task_retries=WORKER_RESTARTS,
         runtime_env={"env_vars": env} if env else None,

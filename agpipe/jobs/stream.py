@@ -26,9 +26,7 @@ from agpipe.jobs.plan import Window
 from agpipe.jobs.worker import EncodedWindow, SkippedWindow, encode_window
 from agpipe.jobs.writer import WrittenWindow, write_prediction
 
-# Submitted to a worker at once: as many as it runs at a time (GPU workers run two, see
-# run.GPU_WORKER_CONCURRENCY) and one waiting, so it never idles.
-BATCHES_PER_WORKER = 3
+BATCHES_PER_WORKER = 2  # submitted to a worker at once: one computing, one waiting, so it never idles
 OBJECT_STORE_SHARE = 0.25  # of the driver node's object store, for predictions waiting to be written
 TRACEBACK_LAST_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception): (.+)$")
 # A worker that can take no more batches: its restarts are used up, or its node is gone (workers

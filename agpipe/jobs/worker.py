@@ -78,13 +78,23 @@ class JunctionPairs:
 @dataclasses.dataclass(frozen=True)
 class WindowPrediction:
     window: Window
-    tracks: dict[Output, np.ndarray]  # per-bin outputs: rows kept_rows(window, resolution), (rows, tracks), column-major
+    # Per-bin outputs, rows kept_rows(window, resolution): (rows, tracks), column-major, in the
+    # model's output dtype; bfloat16 values travel as their uint16 bit patterns (half the bytes of
+    # float32 through the host copy and the object store). `values` widens them exactly.
+    tracks: dict[Output, np.ndarray]
     contact_maps: np.ndarray | None  # (P, P, tracks): the bins kept_rows(window, 2048) on both axes
     junction_positions: np.ndarray | None  # (4, K) sites, bases from the window start, -1 for none
     junction_pairs: tuple[JunctionPairs, JunctionPairs] | None  # + strand, - strand
     nonfinite_count: int  # NaN or infinite values in what will be written
     compute_seconds: float = 0.0  # the window's share of its batch's model time (forward, crop, copy)
     seconds: float = 0.0  # reading + compute_seconds
+
+    def values(self, output: Output) -> np.ndarray:
+        """An output's kept rows as float32 (rows, tracks), column-major."""
+        values = self.tracks[output]
+        if values.dtype == np.uint16:  # bfloat16 bits: the high half of a float32
+            return (values.astype(np.uint32) << 16).view(np.float32)
+        return values.astype(np.float32, copy=False)
 
 
 class ModelWorker:
@@ -202,11 +212,14 @@ def kept_outputs(
             maps = square.cpu().numpy()
         else:
             skip = first // output.resolution
-            kept = values[i, rows.start - skip : rows.stop - skip].float()
-            nonfinite.append((~torch.isfinite(kept)).sum())
             # Column-major on the host (transposed on the device): Parquet writes track by track,
             # so the writer then takes each column without copying.
-            tracks[output] = kept.t().contiguous().cpu().numpy().T
+            kept = values[i, rows.start - skip : rows.stop - skip].t().contiguous()
+            nonfinite.append((~torch.isfinite(kept)).sum())
+            if kept.dtype == torch.bfloat16:
+                tracks[output] = kept.view(torch.int16).cpu().numpy().view(np.uint16).T
+            else:
+                tracks[output] = kept.float().cpu().numpy().T
     return WindowPrediction(window, tracks, maps, positions, pairs, int(torch.stack(nonfinite).sum()) if nonfinite else 0)
 
 

@@ -105,8 +105,8 @@ def write_prediction(
     started = time.perf_counter()
     parts: list[PartInfo] = []
     by_resolution: dict[int, dict[Output, np.ndarray]] = {}
-    for output, values in result.tracks.items():
-        by_resolution.setdefault(output.resolution, {})[output] = values
+    for output in result.tracks:
+        by_resolution.setdefault(output.resolution, {})[output] = result.values(output)
     junctions = None
     if result.junction_positions is not None:
         junctions = junctions_from_pairs(result.junction_positions, result.junction_pairs, w.out_start - w.start)
