@@ -112,22 +112,31 @@ def run_pipeline(genome: Path, weights: Path, out: Path, gpus: int, window: int,
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"agpipe run on {gpus} GPU(s) failed:\n{proc.stderr[-3000:]}")
-    manifest = json.loads((out / "manifest.json").read_text())
-    timings = manifest["timings"]
+    timings = json.loads((out / "manifest.json").read_text())["timings"]
+    first = timings.get("first_window_seconds") or 0.0
+    busy = [np.mean(u) for t, u in sampler.samples if first + 1.0 < t - t0 < timings["wall_seconds"]]
+    row = run_metrics(out, gpus, cpus)
+    row.update(wall_s=wall, gpu_busy_fraction=float(np.mean(busy)) / 100 if busy else None, stderr_tail=proc.stderr[-1500:])
+    return row
+
+
+def run_metrics(out: Path, gpus: int, cpus: int) -> dict:
+    """A finished run's throughput, from its manifest and windows.parquet."""
+    timings = json.loads((out / "manifest.json").read_text())["timings"]
     first = timings.get("first_window_seconds") or 0.0
     windows = pq.read_table(out / "windows.parquet").to_pylist()
     done = [w for w in windows if w["status"] == "done"]
     bases = sum(w["out_end"] - w["out_start"] for w in done)
     written = sum(p["bytes"] for w in windows for p in (w.get("parts") or []))
-    steady = wall - first  # after the first window: compile and start-up are behind us
-    busy = [np.mean(u) for t, u in sampler.samples if t - t0 > first + 1.0]
+    # After the first window (compile and start-up behind us) to the command's end as its manifest
+    # has it (not counting the interpreter's start and exit, which the subprocess's wall includes).
+    steady = timings["wall_seconds"] - first
     return {
         "gpus": gpus,
         "windows": len(windows),
         "windows_done": len(done),
         "windows_skipped": sum(w["status"] == "skipped_all_n" for w in windows),
         "bases": bases,
-        "wall_s": wall,
         "first_window_s": first,
         "workers_ready_s": timings.get("workers_ready_seconds"),  # includes Ray's start and planning
         "worker_start_s": timings.get("worker_start_seconds"),  # the slowest worker: read, load, compile
@@ -136,23 +145,24 @@ def run_pipeline(genome: Path, weights: Path, out: Path, gpus: int, window: int,
         "bases_per_s": bases / steady,
         "bytes_written": written,
         "bytes_written_per_s": written / steady,
-        "gpu_busy_fraction": float(np.mean(busy)) / 100 if busy else None,
         "model_seconds": timings.get("compute_seconds"),
         "write_seconds": timings.get("write_seconds"),  # summed over windows: writing's CPU-seconds, roughly
         # the share of the CPUs left to reading and writing that writing kept busy after the first window
         "writer_cpu_busy_fraction": timings["write_seconds"] / steady / (cpus - gpus) if timings.get("write_seconds") else None,
         "model_only_windows_per_s": len(done) / timings["compute_seconds"] * gpus if timings.get("compute_seconds") else None,
-        "stderr_tail": proc.stderr[-1500:],
     }
 
 
 def same_values(a: Path, b: Path) -> bool:
-    """Every prediction part file holds the same values in both runs (bit for bit)."""
-    parts = sorted(p.relative_to(a) for p in (a / "predictions").rglob("*.parquet"))
-    for rel in parts:
-        if not pq.read_table(a / rel).equals(pq.read_table(b / rel)):
-            return False
-    return bool(parts)
+    """Both runs wrote the same part files with the same values (bit for bit): parts whose sha256
+    (recorded in windows.parquet) match hold the same bytes; any other pair is compared by value."""
+    from agpipe.io.parquet import read_windows_table
+
+    digests = [{p.path: p.sha256 for w in read_windows_table(run) for p in w.parts} for run in (a, b)]
+    if not digests[0] or digests[0].keys() != digests[1].keys():
+        return False
+    differing = [path for path, digest in digests[0].items() if digests[1][path] != digest]
+    return all(pq.read_table(a / path).equals(pq.read_table(b / path)) for path in differing)
 
 
 def main() -> None:
