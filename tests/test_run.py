@@ -280,3 +280,16 @@ def test_windows_of_a_worker_dead_for_good_go_to_the_others(ray_address):
     outcomes = list(stream)
     assert sorted(w.window_id for w, _ in outcomes) == list(range(20))
     assert all(outcome == w for w, outcome in outcomes) and stream.lost_workers is None
+
+
+def test_the_stream_ends_only_when_every_window_is_written(ray_address):
+    """A slow driver (recording each window takes a while): by the time it looks again, the batches at
+    the worker are done and so are their windows' writes, so at times nothing is being written
+    while batches are still counted at the worker."""
+    windows = [Window(i, "chr1", 100 * i, 100 * i + 100, 100 * i, 100 * i + 100) for i in range(20)]
+    stream = WindowStream(iter(windows), [EchoWorker.remote(False)], batch_size=1, limit=10, tasks=(ray.put, lambda w, p: echo.remote(p)))
+    written = []
+    for window, _ in stream:
+        written.append(window.window_id)
+        time.sleep(0.2)
+    assert sorted(written) == list(range(20))

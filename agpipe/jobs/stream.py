@@ -124,16 +124,19 @@ class WindowStream:
     def __iter__(self) -> Iterator[tuple[Window, WrittenWindow | Exception]]:
         while True:
             self._submit()
-            if not self.writes and (not self.probes or self.stopped):  # with rested workers only, wait for them
+            # Done when nothing is being written nor computed (a batch may still count at its worker
+            # after its windows are written); with rested workers only, wait for them.
+            if not self.writes and not self.batch_done and (not self.probes or self.stopped):
                 return
-            ready, _ = ray.wait([*self.writes, *self.batch_done, *self.probes], num_returns=1, fetch_local=False)
-            for ref in ready:
-                if ref in self.batch_done:
-                    self.batches[self.batch_done.pop(ref)] -= 1
-                    continue
-                if ref in self.probes:
-                    self._probed(ref)
-                    continue
+            refs = [*self.batch_done, *self.probes, *self.writes]
+            ray.wait(refs, num_returns=1, fetch_local=False)
+            ready = set(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0])
+            for ref in ready & self.batch_done.keys():
+                self.batches[self.batch_done.pop(ref)] -= 1
+            for ref in ready & self.probes.keys():
+                self._probed(ref)
+            self._submit()  # the workers get their next batches before the driver records the writes
+            for ref in ready & self.writes.keys():
                 window, worker = self.writes.pop(ref)
                 try:
                     yield window, ray.get(ref)
