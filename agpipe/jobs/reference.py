@@ -65,6 +65,8 @@ class ReferenceWorker:
     ) -> None:
         import jax
 
+        from agpipe.model import jax_reference
+
         # Compiled programs are kept in the cache: checking a run again skips the compilation.
         jax.config.update("jax_compilation_cache_dir", str(agpipe_home() / "jax-cache"))
         weights = load_weights(weights_path)
@@ -84,7 +86,7 @@ class ReferenceWorker:
         forward = functools.partial(
             reference_outputs, cfg=self.cfg, precision=precision, outputs=self.outputs, inputs=reference_inputs(self.metadata)
         )
-        self.forward = jax.jit(forward)
+        self.forward = jax_reference.jit_exact(forward)
 
     def describe(self) -> str:
         """What the reference computes on, e.g. "gpu (NVIDIA H100 80GB HBM3)" or "cpu"."""
