@@ -152,6 +152,7 @@ class ModelWorker:
         return f"CPU, {threads} thread{'s' if threads != 1 else ''}"
 
     def start_timings(self) -> dict[str, float]:
+        """Seconds this worker took to read the weights, load the model and compile it."""
         return self.start_seconds
 
     def predict(self, *batch: EncodedWindow | SkippedWindow) -> list[WindowPrediction | SkippedWindow] | WindowPrediction | SkippedWindow:

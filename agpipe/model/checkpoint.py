@@ -282,21 +282,22 @@ def read_weights_header(path: str | os.PathLike) -> tuple[ModelConfig, str]:
 
 def load_weights(path: str | os.PathLike) -> WeightsFile:
     """Reads our weights file (safetensors only) and checks every tensor against the config it names."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
-    not_ours = f"{path} is not an agpipe weights file"
-    how = "write one with `agpipe convert` or `agpipe weights download`"
     # Hashing runs beside the parsing (hashlib lets go of the GIL): ~1 s less for the full model.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         sha256 = pool.submit(file_sha256, path)
-        tensors, cfg, metadata_json = _read_checked(path, safe_open, not_ours, how)
+        tensors, cfg, metadata_json = _read_checked(path)
     return WeightsFile(path, cfg, tensors, metadata_json, sha256.result())
 
 
-def _read_checked(path: Path, safe_open, not_ours: str, how: str) -> tuple[dict[str, np.ndarray], ModelConfig, str]:
+def _read_checked(path: Path) -> tuple[dict[str, np.ndarray], ModelConfig, str]:
+    """load_weights' reading: the tensors, checked against the config and track metadata it names."""
+    from safetensors import safe_open
+
+    not_ours = f"{path} is not an agpipe weights file"
+    how = "write one with `agpipe convert` or `agpipe weights download`"
     try:
         with safe_open(str(path), framework="numpy") as f:
             header = f.metadata() or {}
