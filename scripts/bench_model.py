@@ -32,7 +32,7 @@ from agpipe.model.alphagenome import AlphaGenome  # noqa: E402
 from agpipe.model.checkpoint import official_to_ours, random_official_tree  # noqa: E402
 from agpipe.model.config import ALL_OUTPUTS, HEADS, OFFICIAL  # noqa: E402
 from agpipe.model.metadata import synthetic_metadata  # noqa: E402
-from agpipe.model.precision import BFLOAT16, FLOAT32, configure_backends  # noqa: E402
+from agpipe.model.precision import BFLOAT16, FLOAT32, compile_options, configure_backends  # noqa: E402
 
 OUTPUT_SETS = {"all": ALL_OUTPUTS, "128": tuple(o for o in ALL_OUTPUTS if o.resolution == 128)}
 # The work of one window as ../shared/reference/ANCHORS.md counts it for the official model (every
@@ -117,7 +117,7 @@ def kernel_summary(fn) -> str:
 def bench_torch(name, length, outputs, tensors, metadata, precision, flex, compile_mode, warmup, runs, profile=False):
     configure_backends(precision)
     model = build(tensors, metadata, outputs, precision, flex, "cuda")
-    fn = torch.compile(model, mode=compile_mode, dynamic=False) if compile_mode else model
+    fn = torch.compile(model, dynamic=False, options=compile_options(compile_mode)) if compile_mode else model
     x = torch.nn.functional.one_hot(torch.randint(0, 4, (1, length), device="cuda"), 4).float()
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():

@@ -28,7 +28,7 @@ from agpipe.model.alphagenome import AlphaGenome  # noqa: E402
 from agpipe.model.checkpoint import official_to_ours, random_official_tree  # noqa: E402
 from agpipe.model.config import ALL_OUTPUTS, HEADS, OFFICIAL  # noqa: E402
 from agpipe.model.metadata import synthetic_metadata  # noqa: E402
-from agpipe.model.precision import BFLOAT16, configure_backends  # noqa: E402
+from agpipe.model.precision import BFLOAT16, compile_options, configure_backends  # noqa: E402
 
 
 def criteria(ours: np.ndarray, theirs: np.ndarray, block: int) -> dict:
@@ -61,7 +61,7 @@ def main() -> None:
     heads = {o.head for o in ALL_OUTPUTS}
     model.prepare_(0, ALL_OUTPUTS, {h: metadata.head_tracks(0, h) for h in heads}, BFLOAT16, flex_attention=True)
     model = model.cuda().eval()
-    embed = torch.compile(model.embed, dynamic=False)
+    embed = torch.compile(model.embed, dynamic=False, options=compile_options())
     with torch.inference_mode():
         emb = embed(torch.from_numpy(x).cuda())
         ours = {"1bp": emb.e1.float().cpu().numpy(), "128bp": emb.e128.float().cpu().numpy(), "pair": emb.pair.float().cpu().numpy()}

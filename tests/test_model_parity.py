@@ -15,7 +15,7 @@ from agpipe.model import jax_reference
 from agpipe.model.agreement import agreement
 from agpipe.model.config import ALL_OUTPUTS, DEFAULT_OUTPUTS, HEADS, OFFICIAL, SMALL, Output
 from agpipe.model.heads import top_splice_sites
-from agpipe.model.precision import BFLOAT16, FLOAT32, configure_backends
+from agpipe.model.precision import BFLOAT16, FLOAT32, compile_options
 from model_harness import (
     awkward_sequences,
     batch,
@@ -172,16 +172,15 @@ def test_compiled_code_rounds_where_the_bfloat16_policy_rounds():
     """torch.compile (Inductor, here its CPU backend) and XLA (jit) fuse elementwise chains; left to
     themselves they keep float32 inside a fusion and round at its end, which moves them away from
     the policy's op-by-op roundings (Pearson ~0.99992 on the 1 bp embeddings). With the casts
-    emulated (precision.configure_backends) and XLA's excess precision off
+    emulated (precision.compile_options) and XLA's excess precision off
     (jax_reference.jit_exact), compiled code agrees with op-by-op evaluation."""
     cfg = SMALL
     params, state, tensors, metadata = random_model(cfg)
     x = batch(random_sequence(LENGTH, 3))
     model = torch_model(cfg, tensors, metadata, 0, ALL_OUTPUTS, BFLOAT16)
-    configure_backends(BFLOAT16)  # as load_model does
     with torch.no_grad():
         eager = model.embed(torch.from_numpy(x))
-        compiled = torch.compile(model.embed, dynamic=False)(torch.from_numpy(x))
+        compiled = torch.compile(model.embed, dynamic=False, options=compile_options())(torch.from_numpy(x))
     _, op_by_op = reference(cfg, params, state, metadata, x, 0, "bfloat16", jit=False)
     inputs = reference_inputs(cfg, metadata)
     forward = lambda p, s, seq: jax_reference.forward(p, s, seq, np.zeros(1, np.int32), cfg=cfg, precision="bfloat16", **inputs)[1]  # noqa: E731

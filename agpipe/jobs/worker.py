@@ -28,7 +28,7 @@ from agpipe.jobs.plan import Window
 from agpipe.model.checkpoint import load_weights
 from agpipe.model.config import ORGANISMS, Output
 from agpipe.model.heads import JunctionPredictions
-from agpipe.model.precision import resolve_precision
+from agpipe.model.precision import compile_options, resolve_precision
 from agpipe.model.weights import WeightsError, load_model
 
 # A one-hot row (fasta.one_hot decides which bytes are bases) -> 0 for no base, 1..4 for A, C, G, T;
@@ -125,7 +125,7 @@ class ModelWorker:
         policy = resolve_precision(precision, self.device)
         model, _ = load_model(weights, ORGANISMS.index(organism), outputs, policy, self.device)
         # Compiled models get batches of one shape (short batches padded), so they compile once.
-        self.model = torch.compile(model, dynamic=False) if compile_model else model
+        self.model = torch.compile(model, dynamic=False, options=compile_options()) if compile_model else model
         self.pad_to = batch_size if compile_model else None
         # Per-position heads only over [crop, window - crop): every window's kept span lies inside it
         # (a contig's last window keeps less), and heads are pointwise, so this equals cropping after.

@@ -48,17 +48,21 @@ def resolve_precision(name: str, device: torch.device | str) -> Precision:
 
 
 def configure_backends(precision: Precision) -> None:
-    """Keep float32 matmuls and convolutions in true float32 (no TF32) under the float32 policy, and
-    make compiled code round where the policy rounds.
+    """Keep float32 matmuls and convolutions in true float32 (no TF32) under the float32 policy."""
+    exact = precision.name == "float32"
+    torch.backends.cuda.matmul.allow_tf32 = not exact
+    torch.backends.cudnn.allow_tf32 = not exact
+
+
+def compile_options(mode: str = "default") -> dict:
+    """Inductor's options for torch.compile(..., options=): a compile mode's own, plus rounding where
+    the policy rounds.
 
     Inductor otherwise computes a fused chain of bfloat16 ops in float32 and rounds once at its end:
     more accurate, but not the official policy, and it moves the compiled model away from the eager
     one (small config, 16 kb, CPU: Pearson 0.99992 on the 1 bp embeddings, 0.99998 with the casts
-    emulated; docs/performance.md).
+    emulated; docs/performance.md). Imports Inductor (~2 s), so only where something is compiled.
     """
-    import torch._inductor.config
+    import torch._inductor
 
-    exact = precision.name == "float32"
-    torch.backends.cuda.matmul.allow_tf32 = not exact
-    torch.backends.cudnn.allow_tf32 = not exact
-    torch._inductor.config.emulate_precision_casts = True
+    return {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True}
