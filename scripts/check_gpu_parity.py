@@ -1,8 +1,10 @@
 """The bf16 fast path (FlexAttention, torch.compile) against the JAX reference under the official bf16
 policy, on one GPU at a production window size: the statistical criteria of the numerics tests on
-the 1 bp, 128 bp and pair embeddings. The reference is compiled with `jax_reference.jit_exact` (every
-rounding of the policy kept; the verdict), and for comparison with plain `jax.jit` (XLA's excess
-precision, as alphagenome_research runs).
+the 1 bp, 128 bp and pair embeddings. The verdict's reference is evaluated op by op (no compiler
+decides where anything rounds); for comparison also compiled with `jax_reference.jit_exact` and with
+plain `jax.jit` (XLA's excess precision, as alphagenome_research runs). On the CPU at full size
+(4,096 bp) our compiled model against the op-by-op reference gives Pearson 0.99992 and |z| <= 2.3,
+against jit_exact a pair bias of z -8.4 that the two references also show between themselves.
 
     python scripts/check_gpu_parity.py --length 524288 --out benchmarks/results/parity-gpu.json
 """
@@ -44,6 +46,17 @@ def criteria(ours: np.ndarray, theirs: np.ndarray, block: int) -> dict:
     }
 
 
+def op_by_op(fn):
+    """fn evaluated one op at a time (jit off): every rounding exactly where the policy puts it."""
+    import jax
+
+    def run(*args):
+        with jax.disable_jit():
+            return fn(*args)
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--length", type=int, default=524288)
@@ -72,8 +85,8 @@ def main() -> None:
     tissues = np.array([metadata.real_track_count(o, "splice_sites_junction") for o in (0, 1)])
     forward = lambda p, s, seq: jax_reference.forward(p, s, seq, np.zeros(1, np.int32), track_means=means, junction_tissues=tissues, precision="bfloat16")[1]  # noqa: E731
     report = {}
-    for name, jit in (("reference", jax_reference.jit_exact), ("reference_excess_precision", jax.jit)):
-        ref = {k: np.asarray(v.astype("float32")) for k, v in jit(forward)(params, state, x).items()}
+    for name, evaluate in (("reference", op_by_op), ("reference_jit_exact", jax_reference.jit_exact), ("reference_jit", jax.jit)):
+        ref = {k: np.asarray(v.astype("float32")) for k, v in evaluate(forward)(params, state, x).items()}
         theirs = {"1bp": ref["embeddings_1bp"], "128bp": ref["embeddings_128bp"], "pair": ref["embeddings_pair"]}
         report[name] = {k: criteria(ours[k], theirs[k], 128 if k == "1bp" else 1) for k in ours}
         del ref, theirs
