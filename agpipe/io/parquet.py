@@ -410,7 +410,11 @@ def write_windows_table(out_dir: str | os.PathLike[str], rows: Iterable[WindowRe
     for r in records:
         if r.status not in STATUSES:
             raise ValueError(f"window {r.window_id}: status {r.status!r} is not one of {', '.join(STATUSES)}")
-    table = pa.Table.from_pylist([dataclasses.asdict(r) for r in records], schema=WINDOWS_SCHEMA)
+    # Column by column, parts as plain dicts: dataclasses.asdict's deep copies made a save of a
+    # whole-genome table (8,000 windows) take 0.66 s, and the driver saves every few seconds.
+    columns = {name: [getattr(r, name) for r in records] for name in WINDOWS_SCHEMA.names if name != "parts"}
+    columns["parts"] = [[vars(p) for p in r.parts] for r in records]
+    table = pa.Table.from_pydict(columns, schema=WINDOWS_SCHEMA)
     _write_table(Path(out_dir) / WINDOWS_FILE, table)
 
 

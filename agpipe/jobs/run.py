@@ -55,9 +55,13 @@ from agpipe.jobs.writer import WrittenWindow
 from agpipe.model.checkpoint import find_orbax_root
 
 # While running, windows.parquet and the manifest are rewritten after this many seconds or finished
-# windows, whichever comes first: a killed run loses at most that much work.
+# windows, whichever comes first: a killed run loses at most that much work. A save rewrites the
+# whole table (0.3 s for a whole genome's 8,000 windows on a slow CPU), so saves are also kept at
+# least SAVE_COST_FACTOR times their own duration apart: the driver, which feeds the workers between
+# windows, spends at most ~1/SAVE_COST_FACTOR of its time saving.
 SAVE_SECONDS = 5.0
 SAVE_WINDOWS = 25
+SAVE_COST_FACTOR = 10.0
 WORKER_RESTARTS = 3
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # see loopback_only
 ERRORS_SHOWN = 5
@@ -360,6 +364,7 @@ class Recorder:
         self.command_line = command_line if command_line is not None else shlex.join(sys.argv)
         self.summary = RunSummary(job.options.out, "running", status_counts(records))
         self.saved = time.monotonic()
+        self.save_seconds = 0.0  # what the last save took
         self.unsaved = 0  # windows finished since the last save
         self.first_window_seconds: float | None = None  # from the command's start to its first window
         self.workers_ready_seconds: float | None = None  # from the command's start to loaded workers
@@ -410,7 +415,8 @@ class Recorder:
                 bar.update(1)
                 bar.set_postfix_str(f"{s.bases / max(time.monotonic() - self.started, 1e-9):,.0f} bases/s", refresh=False)
                 self.unsaved += 1
-                if self.unsaved >= SAVE_WINDOWS or time.monotonic() - self.saved > SAVE_SECONDS:
+                since = time.monotonic() - self.saved
+                if (self.unsaved >= SAVE_WINDOWS or since > SAVE_SECONDS) and since > SAVE_COST_FACTOR * self.save_seconds:
                     self.save("running")
         if stream.lost_workers:
             s.error = f"every model worker died ({stream.lost_workers}); rerun the command to compute the rest"
@@ -420,6 +426,7 @@ class Recorder:
 
     def save(self, status: str) -> None:
         """Rewrites windows.parquet and the manifest (both atomically)."""
+        started = time.monotonic()
         s = self.summary
         s.status, s.counts = status, status_counts(self.records)
         s.wall_seconds = time.monotonic() - self.started
@@ -430,6 +437,7 @@ class Recorder:
         write_windows_table(out, self.records.values())
         write_json_atomic(out / MANIFEST_FILE, self.manifest())
         self.saved = time.monotonic()
+        self.save_seconds = self.saved - started
         self.unsaved = 0
 
     def manifest(self) -> dict:
