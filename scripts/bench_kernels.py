@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agpipe.model.kernels import flex_mha  # noqa: E402
+from bench_model import timed  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 
 def flex_mha_folded(q, k, v, bias, soft_cap, options=None):
@@ -38,17 +39,8 @@ _folded = {}
 
 
 def median_ms(fn, warmup=3, runs=10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median warm milliseconds per call (bench_model's CUDA-event timing)."""
+    return statistics.median(timed(fn, warmup, runs)[1])
 
 
 def conv_layouts() -> None:
