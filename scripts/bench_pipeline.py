@@ -13,14 +13,17 @@ identical values, and the projection for a 3.1 Gb genome. JSON goes to benchmark
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,13 +105,17 @@ class GpuSampler:
         self.thread.join()
 
 
-def run_pipeline(genome: Path, weights: Path, out: Path, gpus: int, window: int, cpus: int) -> dict:
+def run_pipeline(genome: Path, weights: Path, out: Path, gpus: int, window: int, cpus: int, timeout: float, extra: Sequence[str] = ()) -> dict:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
+    timeline = out.parent / f"{out.name}-timeline.json"
     cmd = [sys.executable, "-m", "agpipe.cli", "run", str(genome), "--weights", str(weights), "--out", str(out),
-           "--window", str(window), "--num-cpus", str(cpus), "--parity-sample", "0"]
+           "--window", str(window), "--num-cpus", str(cpus), "--parity-sample", "0", "--ray-timeline", str(timeline), *extra]
     t0 = time.monotonic()
     with GpuSampler(gpus) as sampler:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise SystemExit(f"agpipe run on {gpus} GPU(s) did not finish in {timeout:.0f} s:\n{(e.stderr or b'')[-3000:]}") from None
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"agpipe run on {gpus} GPU(s) failed:\n{proc.stderr[-3000:]}")
@@ -117,7 +124,67 @@ def run_pipeline(genome: Path, weights: Path, out: Path, gpus: int, window: int,
     busy = [np.mean(u) for t, u in sampler.samples if first + 1.0 < t - t0 < timings["wall_seconds"]]
     row = run_metrics(out, gpus, cpus)
     row.update(wall_s=wall, gpu_busy_fraction=float(np.mean(busy)) / 100 if busy else None, stderr_tail=proc.stderr[-1500:])
+    row["timeline"] = timeline_summary(timeline) if timeline.exists() else None
     return row
+
+
+def timeline_summary(path: Path) -> dict:
+    """Where the time goes, from the run's Ray timeline (agpipe run --ray-timeline): the rate of
+    windows written between the first and the last write (skipped windows included); per task kind,
+    median milliseconds of the whole task and of its phases (fetching arguments, executing, storing
+    outputs); per model worker, the share of the steady run (after its first batch) in which it
+    had no batch at all."""
+    events = [e for e in json.loads(path.read_text()) if e.get("ph") == "X"]
+    spans: dict[str, list] = {}  # process -> its task spans, by start
+    for e in events:
+        if e["cat"].startswith("task::") and not e["cat"].endswith("__init__"):
+            spans.setdefault(e["tid"], []).append(e)
+    for tid in spans:
+        spans[tid].sort(key=lambda e: e["ts"])
+    durations: dict[tuple[str, str], list] = {}
+    for e in events:
+        if not e["cat"].startswith("task::") and e["cat"].startswith("task:") and e["tid"] in spans:
+            kind = containing_kind(spans[e["tid"]], e)
+            if kind:
+                durations.setdefault((kind, e["cat"].removeprefix("task:")), []).append(e["dur"])
+    writes = sorted(e["ts"] + e["dur"] for s in spans.values() for e in s if e["cat"].endswith("Writer.write"))
+    summary: dict = {}
+    if len(writes) > 1:  # windows written per second from the first write's end to the last's
+        summary["windows_per_s"] = (len(writes) - 1) / ((writes[-1] - writes[0]) / 1e6)
+    for kind in sorted({e["cat"] for s in spans.values() for e in s}):
+        of_kind = [e for s in spans.values() for e in s if e["cat"] == kind]
+        name = kind.removeprefix("task::")
+        row = {"tasks": len(of_kind), "processes": len({e["tid"] for e in of_kind}), "median_ms": float(np.median([e["dur"] for e in of_kind])) / 1e3}
+        for phase in ("deserialize_arguments", "execute", "store_outputs"):
+            if durations.get((kind, phase)):
+                row[f"{phase}_median_ms"] = float(np.median(durations[kind, phase])) / 1e3
+        if name.endswith(".predict"):
+            row["idle_fraction"] = {tid[-8:]: idle_fraction([e for e in s if e["cat"] == kind]) for tid, s in sorted(spans.items()) if any(e["cat"] == kind for e in s)}
+        summary[name] = row
+    return summary
+
+
+def containing_kind(spans: list[dict], phase: dict) -> str | None:
+    """The kind of the task span (of one process, sorted by start) that contains a phase event."""
+    i = bisect.bisect_right([e["ts"] for e in spans], phase["ts"])
+    for e in reversed(spans[max(0, i - 4) : i]):
+        if e["ts"] <= phase["ts"] and phase["ts"] + phase["dur"] <= e["ts"] + e["dur"] + 1:
+            return e["cat"]
+    return None
+
+
+def idle_fraction(spans: list[dict]) -> float:
+    """The share of the time from the end of the first span to the last span's end covered by no span."""
+    spans = sorted(spans, key=lambda e: e["ts"])
+    start = spans[0]["ts"] + spans[0]["dur"]
+    end = max(e["ts"] + e["dur"] for e in spans)
+    covered, reach = 0.0, start
+    for e in spans[1:]:
+        lo, hi = max(e["ts"], reach), e["ts"] + e["dur"]
+        if hi > lo:
+            covered += hi - lo
+            reach = hi
+    return 1.0 - covered / (end - start) if end > start else 0.0
 
 
 def run_metrics(out: Path, gpus: int, cpus: int) -> dict:
@@ -128,9 +195,9 @@ def run_metrics(out: Path, gpus: int, cpus: int) -> dict:
     done = [w for w in windows if w["status"] == "done"]
     bases = sum(w["out_end"] - w["out_start"] for w in done)
     written = sum(p["bytes"] for w in windows for p in (w.get("parts") or []))
-    # After the first window (compile and start-up behind us) to the command's end as its manifest
-    # has it (not counting the interpreter's start and exit, which the subprocess's wall includes).
-    steady = timings["wall_seconds"] - first
+    # From the first window written (compile and start-up behind us) to the last (not the final
+    # save, the trace, stopping the workers nor the interpreter's exit).
+    steady = (timings.get("last_window_seconds") or timings["wall_seconds"]) - first
     return {
         "gpus": gpus,
         "windows": len(windows),
@@ -172,6 +239,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=524288)
     ap.add_argument("--work", default="/tmp/agpipe-bench")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--timeout", type=float, default=420.0, help="Seconds one run may take.")
+    ap.add_argument("--run-args", action="append", default=[], metavar="ARGS",
+                    help="More `agpipe run` arguments for the run of the same index in --gpus (e.g. '--compression lz4'); repeat per run.")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -184,12 +254,21 @@ def main() -> None:
         official_weights(weights)
         print(f"weights: {weights.stat().st_size / 2**30:.2f} GiB ({time.monotonic() - t:.0f} s)", flush=True)
     cpus = os.cpu_count() or 16
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    result = Path(args.out or ROOT / "benchmarks" / "results" / f"pipeline-{card.replace(' ', '_')}-{stamp}.json")
+    result.parent.mkdir(parents=True, exist_ok=True)
+    shm = shutil.disk_usage("/dev/shm").total / 2**30 if Path("/dev/shm").exists() else None  # Ray's object store lives there
+    header = {"card": card, "window": args.window, "genome_mb": args.genome_mb, "cpus": cpus, "dev_shm_gib": shm}
     rows = []
-    for gpus in (int(g) for g in args.gpus.split(",")):
+    for i, gpus in enumerate(int(g) for g in args.gpus.split(",")):
         out = work / f"run{len(rows) + 1}-{gpus}gpu"  # a GPU count may repeat: the second run finds a warm compile cache
         subprocess.run(["rm", "-rf", str(out)])
-        row = run_pipeline(genome, weights, out, gpus, args.window, cpus)
-        row["out"] = str(out)
+        extra = shlex.split(args.run_args[i]) if i < len(args.run_args) else []
+        row = run_pipeline(genome, weights, out, gpus, args.window, cpus, args.timeout, extra)
+        row["out"], row["run_args"] = str(out), extra
         rows.append(row)
         print(
             f"{gpus} GPU: {row['windows_done']} windows in {row['wall_s']:.0f} s (first window at {row['first_window_s']:.0f} s); "
@@ -198,27 +277,23 @@ def main() -> None:
             f"{row['bytes_written_per_s'] / 1e6:.0f} MB/s written; model-only {row['model_only_windows_per_s']:.2f} windows/s",
             flush=True,
         )
-    base = rows[0]
+        print(json.dumps(row["timeline"], indent=1), flush=True)
+        result.write_text(json.dumps({**header, "runs": rows}, indent=1))  # kept if a later run fails
     for row in rows:
+        # against the first run with the same arguments (else the first run)
+        base = next((r for r in rows if r["run_args"] == row["run_args"]), rows[0])
         row["scaling_efficiency"] = row["windows_per_s"] / (base["windows_per_s"] * row["gpus"] / base["gpus"])
         row["end_to_end_over_model_only"] = row["windows_per_s"] / row["model_only_windows_per_s"] if row["model_only_windows_per_s"] else None
         row["hg38_projection_hours"] = HG38_BASES / row["bases_per_s"] / 3600
-        if row is not base:
-            row["identical_to_first"] = same_values(Path(base["out"]), Path(row["out"]))
+        if row is not rows[0] and row["run_args"] == rows[0]["run_args"]:  # same codec: compares checksums
+            row["identical_to_first"] = same_values(Path(rows[0]["out"]), Path(row["out"]))
     print("\n| GPUs | windows/s | Mb/s | GPU busy | MB/s written | first window s | scaling | end-to-end / model-only | hg38 hours | same values |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['gpus']} | {r['windows_per_s']:.2f} | {r['bases_per_s'] / 1e6:.1f} | {r['gpu_busy_fraction']} | {r['bytes_written_per_s'] / 1e6:.0f} | "
               f"{r['first_window_s']:.0f} | {r['scaling_efficiency']:.2f} | {r['end_to_end_over_model_only']} | {r['hg38_projection_hours']:.2f} | {r.get('identical_to_first', '-')} |")
-    import torch
-
-    card = torch.cuda.get_device_name()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"pipeline-{card.replace(' ', '_')}-{stamp}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shm = shutil.disk_usage("/dev/shm").total / 2**30 if Path("/dev/shm").exists() else None  # Ray's object store lives there
-    out.write_text(json.dumps({"card": card, "window": args.window, "genome_mb": args.genome_mb, "cpus": cpus, "dev_shm_gib": shm, "runs": rows}, indent=1))
-    print(f"wrote {out}")
+    result.write_text(json.dumps({**header, "runs": rows}, indent=1))
+    print(f"wrote {result}")
 
 
 if __name__ == "__main__":

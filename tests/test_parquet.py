@@ -53,12 +53,12 @@ def bin_start_values(window: Window, resolution: int) -> np.ndarray:
     return np.stack([starts, starts + 1], axis=1).astype(np.float32)
 
 
-def write_all(out: Path, contigs: list[tuple[str, int]], window: int, crop: int, dtype: str = "float32") -> list[PartInfo]:
+def write_all(out: Path, contigs: list[tuple[str, int]], window: int, crop: int, dtype: str = "float32", compression: str = "zstd") -> list[PartInfo]:
     lengths = dict(contigs)
     parts = []
     for w in plan_windows(contigs, window, crop):
         outputs = {o: bin_start_values(w, o.resolution) for o in (ATAC_1, ATAC_128)}
-        parts += write_window(out, w, lengths[w.chrom], outputs, COLUMNS, dtype=dtype)
+        parts += write_window(out, w, lengths[w.chrom], outputs, COLUMNS, dtype=dtype, compression=compression)
     return parts
 
 
@@ -114,6 +114,20 @@ def test_part_file_format(tmp_path: Path) -> None:
     assert f.schema_arrow.metadata[b"agpipe.schema_version"] == b"1"
     assert {f.metadata.row_group(0).column(i).compression for i in range(5)} == {"ZSTD"}
     assert part.rows == f.metadata.num_rows == 1536
+
+
+def test_lz4_parts_hold_the_same_values_and_only_keys_carry_statistics(tmp_path: Path) -> None:
+    zstd = write_all(tmp_path / "zstd", [("chr1", 5000)], 2048, 256)
+    lz4 = write_all(tmp_path / "lz4", [("chr1", 5000)], 2048, 256, compression="lz4")
+    for a, b in zip(zstd, lz4):
+        assert a.path == b.path
+        f = pq.ParquetFile(tmp_path / "lz4" / b.path)
+        columns = [f.metadata.row_group(0).column(i) for i in range(f.metadata.num_columns)]
+        assert {c.compression for c in columns} == {"LZ4"}
+        assert [c.path_in_schema for c in columns if c.is_stats_set] == ["chrom", "start", "end"]  # range queries prune by these
+        assert f.read().equals(pq.read_table(tmp_path / "zstd" / a.path))
+    folder = output_folder(tmp_path / "lz4", ATAC_128)
+    assert duck(f"SELECT count(*) AS n FROM read_parquet('{folder}/**/*.parquet') WHERE start >= 2048")["n"][0].as_py() > 0
 
 
 def test_wide_1bp_windows_are_split_into_row_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -258,10 +258,23 @@ def echo(item):
     return item
 
 
+class EchoIo:
+    """A stand-in for the run's IoPool: a window reads as itself, a prediction writes as itself."""
+
+    def read(self, window):
+        return ray.put(window)
+
+    def write(self, window, prediction):
+        return echo.remote(prediction)
+
+    def written(self, ref):
+        pass
+
+
 def test_a_worker_that_does_not_answer_is_rested_its_windows_go_round_and_it_comes_back(ray_address):
     windows = [Window(i, "chr1", 100 * i, 100 * i + 100, 100 * i, 100 * i + 100) for i in range(12)]
     workers = [FlakyWorker.remote(1), FlakyWorker.remote(0)]
-    stream = WindowStream(iter(windows), workers, batch_size=2, limit=6, tasks=(ray.put, lambda w, p: echo.remote(p)))
+    stream = WindowStream(iter(windows), workers, batch_size=2, limit=6, io=EchoIo())
     outcomes = list(stream)
     assert sorted(w.window_id for w, _ in outcomes) == list(range(12))  # each window once
     assert all(outcome == w for w, outcome in outcomes) and stream.lost_workers is None

@@ -19,14 +19,14 @@ import torch
 from click.testing import CliRunner
 
 from agpipe.cli import main
-from agpipe.io.fasta import open_genome, one_hot
+from agpipe.io.fasta import is_all_n, one_hot, open_genome
 from agpipe.io.parquet import TEMP_NAME, kept_rows, read_json, read_windows_table
 from agpipe.jobs.options import RunOptions, prepare_job
 from agpipe.jobs import run as run_module
 from agpipe.jobs.plan import Window
 from agpipe.jobs.run import run_job
-from agpipe.jobs.stream import WindowStream
-from agpipe.jobs.worker import EXIT_ON_BATCH_ENV
+from agpipe.jobs.stream import IoPool, WindowStream
+from agpipe.jobs.worker import EXIT_ON_BATCH_ENV, EncodedWindow, SkippedWindow
 from agpipe.model.checkpoint import load_weights, save_weights
 from agpipe.model.config import SMALL, Output, parse_outputs
 from agpipe.model.precision import FLOAT32
@@ -84,7 +84,7 @@ def test_run_writes_every_bin_once_and_what_the_model_predicts(tmp_path, small_g
     assert manifest["status"] == "complete" and manifest["windows"]["done"] == summary.counts["done"]
     assert manifest["config"]["precision"] == "float32" and manifest["config"]["device"] == "cpu"
     t = manifest["timings"]
-    assert t["write_seconds"] > 0 and 0 < sum(t["worker_start_seconds"].values()) < t["workers_ready_seconds"] <= t["first_window_seconds"] <= t["wall_seconds"]
+    assert t["write_seconds"] > 0 and 0 < sum(t["worker_start_seconds"].values()) < t["workers_ready_seconds"] <= t["first_window_seconds"] <= t["last_window_seconds"] <= t["wall_seconds"]
     assert manifest["weights"]["sha256"] == load_weights(demo_weights()).sha256 and manifest["nonfinite_total"] == 0
     tracks = pq.read_table(out / "tracks.parquet").to_pylist()
     for output in outputs:
@@ -273,10 +273,47 @@ def echo(item):
     return item
 
 
+def test_the_io_pool_reads_windows_and_sends_each_write_to_the_least_busy_writer(small_genome, tmp_path, ray_address):
+    job = prepare_job(RunOptions(genome=small_genome, out=tmp_path / "out", window=WINDOW, crop=CROP, model="demo"))
+    pool = IoPool(job, ray.get_runtime_context().get_node_id(), writers=2, readers=1, restarts=0)
+    try:
+        windows = list(job.windows())
+        read = ray.get([pool.read(w) for w in windows])
+        genome = open_genome(small_genome)
+        for w, r in zip(windows, read):  # base codes 0..4: no base, A, C, G, T; all-N spans skipped
+            sequence = genome.fetch(w.chrom, w.start, w.end)
+            assert r.window == w and isinstance(r, SkippedWindow) == is_all_n(sequence[w.out_start - w.start : w.out_end - w.start])
+            assert isinstance(r, SkippedWindow) or np.array_equal(r.codes, one_hot(sequence) @ np.arange(1, 5))
+        assert any(isinstance(r, EncodedWindow) for r in read)
+        windows = windows[:3]
+        skipped = [ray.put(SkippedWindow(w, 0.0)) for w in windows]  # written as records only: no files
+        first, second = pool.write(windows[0], skipped[0]), pool.write(windows[1], skipped[1])
+        assert pool.queued == [1, 1]
+        pool.written(first)
+        third = pool.write(windows[2], skipped[2])  # to the writer that has none queued
+        assert pool.queued == [1, 1] and pool.writer_of[third] == 0
+        assert [r.record.status for r in ray.get([second, third])] == ["skipped_all_n"] * 2
+    finally:
+        pool.close()
+
+
+class EchoIo:
+    """A stand-in for the run's IoPool: a window reads as itself, a prediction writes as itself."""
+
+    def read(self, window):
+        return ray.put(window)
+
+    def write(self, window, prediction):
+        return echo.remote(prediction)
+
+    def written(self, ref):
+        pass
+
+
 def test_windows_of_a_worker_dead_for_good_go_to_the_others(ray_address):
     windows = [Window(i, "chr1", 100 * i, 100 * i + 100, 100 * i, 100 * i + 100) for i in range(20)]
     workers = [EchoWorker.remote(True), EchoWorker.remote(False)]
-    stream = WindowStream(iter(windows), workers, batch_size=2, limit=6, tasks=(ray.put, lambda w, p: echo.remote(p)))
+    stream = WindowStream(iter(windows), workers, batch_size=2, limit=6, io=EchoIo())
     outcomes = list(stream)
     assert sorted(w.window_id for w, _ in outcomes) == list(range(20))
     assert all(outcome == w for w, outcome in outcomes) and stream.lost_workers is None
@@ -287,7 +324,7 @@ def test_the_stream_ends_only_when_every_window_is_written(ray_address):
     the worker are done and so are their windows' writes, so at times nothing is being written
     while batches are still counted at the worker."""
     windows = [Window(i, "chr1", 100 * i, 100 * i + 100, 100 * i, 100 * i + 100) for i in range(20)]
-    stream = WindowStream(iter(windows), [EchoWorker.remote(False)], batch_size=1, limit=10, tasks=(ray.put, lambda w, p: echo.remote(p)))
+    stream = WindowStream(iter(windows), [EchoWorker.remote(False)], batch_size=1, limit=10, io=EchoIo())
     written = []
     for window, _ in stream:
         written.append(window.window_id)

@@ -54,6 +54,9 @@ RESERVED_COLUMNS = frozenset(name for keys in (PREDICTION_KEYS, JUNCTION_KEYS, C
 
 # Row groups of about this many uncompressed bytes: a 1 bp window of a wide head is gigabytes, and
 # readers hold a whole row group in memory; a 128 bp window (tens of MB) stays one row group.
+# Codecs of the part files: zstd (the default, smallest files) or lz4 (about a third less writing
+# CPU for ~16% larger files: for hosts whose CPUs cannot keep up with their GPUs; docs/performance.md).
+COMPRESSIONS = ("zstd", "lz4")
 ROW_GROUP_BYTES = 64 * 2**20
 MIN_ROW_GROUP_ROWS = 1024
 
@@ -213,6 +216,7 @@ def write_window(
     junctions: Junctions | None = None,
     contact_maps: np.ndarray | None = None,
     dtype: ValueDtype = "float32",
+    compression: str = "zstd",
 ) -> list[PartInfo]:
     """Writes one window's part files and returns what resume needs to trust them.
 
@@ -239,13 +243,13 @@ def write_window(
         _check_shape(window, f"{output} output", values.shape, (bins, len(columns[output])))
         schema = _schema(PREDICTION_KEYS, columns[output], value_dtype)
         chunks = _prediction_chunks(window, contig_length, output, values, schema)
-        parts.append(_write_part(out, output, window, schema, chunks))
+        parts.append(_write_part(out, output, window, schema, chunks, compression))
     if junctions is not None:
         schema = _schema(JUNCTION_KEYS, columns[JUNCTIONS], value_dtype)
-        parts.append(_write_part(out, JUNCTIONS, window, schema, [_junction_table(window, junctions, schema)]))
+        parts.append(_write_part(out, JUNCTIONS, window, schema, [_junction_table(window, junctions, schema)], compression))
     if contact_maps is not None:
         schema = _schema(CONTACT_MAP_KEYS, columns[CONTACT_MAPS], value_dtype)
-        parts.append(_write_part(out, CONTACT_MAPS, window, schema, [_contact_map_table(window, contact_maps, schema)]))
+        parts.append(_write_part(out, CONTACT_MAPS, window, schema, [_contact_map_table(window, contact_maps, schema)], compression))
     return parts
 
 
@@ -328,7 +332,7 @@ def _contact_map_table(window: WindowSpan, maps: np.ndarray, schema: pa.Schema) 
     return _table(schema, window.chrom, [window.start + size * i, window.start + size * j], maps[i, j])
 
 
-def _write_part(out: Path, output: Output, window: WindowSpan, schema: pa.Schema, tables: Iterable[pa.Table]) -> PartInfo:
+def _write_part(out: Path, output: Output, window: WindowSpan, schema: pa.Schema, tables: Iterable[pa.Table], compression: str) -> PartInfo:
     relative = part_path(output, window.chrom, window.window_id)
     rows = 0
     rows_per_group = _rows_per_group(schema)  # predictions come in chunks of this; junctions may need splitting
@@ -338,8 +342,11 @@ def _write_part(out: Path, output: Output, window: WindowSpan, schema: pa.Schema
         with pq.ParquetWriter(
             temp,
             schema,
-            compression="zstd",
+            compression=compression,
             use_dictionary=[c for c in ("chrom", "strand") if c in schema.names],  # floats gain nothing from it
+            # Min/max only of the keys (what range queries prune by): those of thousands of value
+            # columns cost ~7% of writing and serve no common query.
+            write_statistics=[f.name for f in schema if not pa.types.is_floating(f.type)],
             # Byte-stream-split lets zstd shrink floats markedly; DuckDB cannot read it for float16.
             use_byte_stream_split=[f.name for f in schema if f.type == pa.float32()] or False,
         ) as writer:

@@ -49,7 +49,7 @@ from agpipe.jobs.parity import DEFAULT_SAMPLE, ParityError, ParitySettings, pars
 from agpipe.jobs.parity_stage import run_parity_stage
 from agpipe.jobs.plan import Window
 from agpipe.jobs.runfolder import check_run_folder, check_same_precision, clear_parity_check, locked_run_folder, trusted_windows
-from agpipe.jobs.stream import WindowStream, error_line, io_tasks, windows_in_flight
+from agpipe.jobs.stream import IoPool, WindowStream, error_line, readers_for, windows_in_flight
 from agpipe.jobs.worker import EXIT_ON_BATCH_ENV, ModelWorker
 from agpipe.jobs.writer import WrittenWindow
 from agpipe.model.checkpoint import find_orbax_root
@@ -65,6 +65,7 @@ SAVE_COST_FACTOR = 10.0
 WORKER_RESTARTS = 3
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # see loopback_only
 ERRORS_SHOWN = 5
+TIMELINE_FLUSH_SECONDS = 1.5  # Ray's processes report task events every second
 
 
 class RunError(ValueError):
@@ -120,9 +121,11 @@ def run_job(
     progress: bool = True,
     command_line: str | None = None,
     log: Callable[[str], None] = lambda message: tqdm.write(message, file=sys.stderr),
+    timeline: Path | None = None,
 ) -> RunSummary:
     """Runs (or resumes) a job into options.out. Input problems raise a one-line ValueError before
-    OUT is created; `num_cpus` sizes a local Ray instance (when no cluster address is known)."""
+    OUT is created; `num_cpus` sizes a local Ray instance (when no cluster address is known);
+    `timeline` receives Ray's trace of the run's tasks (see write_timeline)."""
     started = time.monotonic()
     job = prepare_job(options)
     for note in job.notes:
@@ -150,6 +153,10 @@ def run_job(
             run.save("running")
             workers: list = []
             stream = None
+            # Readers and writers start while the model workers load (they wait for their calls).
+            driver_cpus = next(n.cpus for n in nodes if n.driver)
+            io_cpus = driver_cpus - execution.worker_cpus * placement.count(node_id)  # what the workers leave
+            io = IoPool(job, node_id, max(1, io_cpus), readers_for(execution.workers), WORKER_RESTARTS)
             try:
                 workers, device, run.worker_start_seconds = start_workers(job, execution, placement)
                 run.workers_ready_seconds = time.monotonic() - started
@@ -158,11 +165,9 @@ def run_job(
                     f"running {job.window_count - len(trusted)} windows on {execution.workers} worker(s) ({device}): "
                     f"{execution.precision}, batch {execution.batch_size}{', compiled' if execution.compile else ''}"
                 )
-                driver_cpus = next(n.cpus for n in nodes if n.driver)
-                io_cpus = driver_cpus - execution.worker_cpus * placement.count(node_id)  # what the workers leave
                 limit = windows_in_flight(execution, window_value_bytes(job, full_window(job)), store_bytes, io_cpus)
                 todo = (w for w in job.windows() if w.window_id not in trusted)
-                stream = WindowStream(todo, workers, execution.batch_size, limit, io_tasks(job, node_id))
+                stream = WindowStream(todo, workers, execution.batch_size, limit, io)
                 run.follow(stream, job.window_count - len(trusted), progress, log)
             except BaseException as error:
                 if stream is not None:
@@ -173,8 +178,11 @@ def run_job(
                     run.save("failed")
                 raise
             finally:
+                if timeline is not None:
+                    write_timeline(timeline)
                 for worker in workers:  # frees their GPUs now, not when the driver exits
                     ray.kill(worker)
+                io.close()
             try:
                 run.save("complete" if run.finished() else "failed")
             except OSError:
@@ -184,6 +192,15 @@ def run_job(
             if parity is not None and run.summary.status == "complete":
                 run.summary.parity = run_parity_stage(options.out, parity, execution.device, execution.worker_cpus, log)
     return run.summary
+
+
+def write_timeline(path: Path) -> None:
+    """Ray's trace of the cluster's tasks (Chrome trace format: every read, predict and write task
+    with its argument fetching, execution and output storing, per process) written to `path`.
+    Processes report their task events every second, so it waits that long first."""
+    time.sleep(TIMELINE_FLUSH_SECONDS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ray.timeline(filename=str(path))
 
 
 def run_parity_settings(options: RunOptions) -> ParitySettings | None:
@@ -367,6 +384,7 @@ class Recorder:
         self.save_seconds = 0.0  # what the last save took
         self.unsaved = 0  # windows finished since the last save
         self.first_window_seconds: float | None = None  # from the command's start to its first window
+        self.last_window_seconds: float | None = None  # ... to its latest: the steady rate lies between
         self.workers_ready_seconds: float | None = None  # from the command's start to loaded workers
         self.worker_start_seconds: dict[str, float] = {}  # the slowest worker's read, load and compile
 
@@ -378,8 +396,9 @@ class Recorder:
         stopped_by_output = False
         with tqdm(total=todo, unit="window", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
             for window, outcome in stream:
+                self.last_window_seconds = time.monotonic() - self.started
                 if self.first_window_seconds is None:
-                    self.first_window_seconds = time.monotonic() - self.started
+                    self.first_window_seconds = self.last_window_seconds
                 if isinstance(outcome, WrittenWindow):
                     record = outcome.record
                     s.compute_seconds += outcome.compute_seconds
@@ -459,6 +478,7 @@ class Recorder:
                 "model": o.model,
                 "weights": str(job.weights.path),
                 "on_nonfinite": o.on_nonfinite,
+                "compression": o.compression,
                 **dataclasses.asdict(e),
                 "parity_sample": self.parity.sample if self.parity else 0,
                 "parity_seed": self.parity.seed if self.parity else None,
@@ -478,6 +498,7 @@ class Recorder:
                 "compute_seconds": round(s.compute_seconds, 3),
                 "write_seconds": round(s.write_seconds, 3),
                 "first_window_seconds": None if self.first_window_seconds is None else round(self.first_window_seconds, 3),
+                "last_window_seconds": None if self.last_window_seconds is None else round(self.last_window_seconds, 3),
                 "workers_ready_seconds": None if self.workers_ready_seconds is None else round(self.workers_ready_seconds, 3),
                 "worker_start_seconds": self.worker_start_seconds,
                 "device": s.device,

@@ -1,30 +1,30 @@
-"""Streaming windows through Ray: reading tasks ahead of the model workers, writing tasks behind them.
+"""Streaming windows through Ray: reading ahead of the model workers, writing behind them.
 
-Each window goes read task -> ModelWorker.predict -> write task. All three are submitted together
-and Ray starts each step once its input exists, so reading runs ahead of the model and writing
-behind it. The driver holds only ObjectRefs, and at most `windows_in_flight` windows are between
-read and written, so memory and object store stay bounded whatever the genome. Reading and writing
-run on the driver's node (the genome and OUT need to exist only where agpipe runs); only encoded
-windows and kept predictions travel to and from the workers.
+Each window goes GenomeReader.read -> ModelWorker.predict -> PredictionWriter.write. All three calls
+are submitted together and Ray runs each once its input exists, so reading runs ahead of the model
+and writing behind it. The driver holds only ObjectRefs, and at most `windows_in_flight` windows
+are between read and written, so memory and object store stay bounded whatever the genome.
+Readers and writers run on the driver's node (the genome and OUT need to exist only where agpipe
+runs; see IoPool); only encoded windows and kept predictions travel to and from the workers.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from agpipe.io.fasta import Genome, open_genome
+from agpipe.io.fasta import open_genome
 from agpipe.jobs.options import Execution, Job
 from agpipe.jobs.plan import Window
-from agpipe.jobs.worker import EncodedWindow, SkippedWindow, encode_window
+from agpipe.jobs.worker import EncodedWindow, SkippedWindow, WindowPrediction, encode_window
 from agpipe.jobs.writer import WrittenWindow, write_prediction
+from agpipe.model.config import Output
 
 BATCHES_PER_WORKER = 2  # submitted to a worker at once: one computing, one waiting, so it never idles
 OBJECT_STORE_SHARE = 0.25  # of the driver node's object store, for predictions waiting to be written
@@ -51,29 +51,77 @@ def windows_in_flight(execution: Execution, window_bytes: int, store_bytes: floa
     return max(at_model, min(at_model + max(at_model, io_cpus), fits))
 
 
-@functools.lru_cache(maxsize=4)
-def cached_genome(path: str) -> Genome:
-    """One open genome per task process, reused by every window it reads."""
-    return open_genome(path)
+class GenomeReader:
+    """A process of the driver's node that reads windows as base codes for the model workers."""
+
+    def __init__(self, genome_path: str):
+        self.genome = open_genome(genome_path)
+
+    def read(self, window: Window) -> EncodedWindow | SkippedWindow:
+        return encode_window(self.genome, window)
 
 
-def read_window(genome_path: str, window: Window) -> EncodedWindow | SkippedWindow:
-    return encode_window(cached_genome(genome_path), window)
+class PredictionWriter:
+    """A process of the driver's node that writes predictions into OUT, one window at a time."""
+
+    def __init__(self, out: str, lengths: dict[str, int], columns: dict[Output, list[str]], on_nonfinite: str, compression: str):
+        self.out, self.lengths, self.columns = out, lengths, columns
+        self.on_nonfinite, self.compression = on_nonfinite, compression
+
+    def write(self, prediction: WindowPrediction | SkippedWindow) -> WrittenWindow:
+        length = self.lengths[prediction.window.chrom]
+        return write_prediction(self.out, prediction, length, self.columns, self.on_nonfinite, self.compression)
 
 
-def io_tasks(job: Job, node_id: str) -> tuple[Callable, Callable]:
-    """(read, write): submit a window's reading task, and its writing task given its prediction."""
-    on_driver_node = NodeAffinitySchedulingStrategy(node_id, soft=False)
-    read = ray.remote(read_window).options(num_cpus=1, scheduling_strategy=on_driver_node)
-    write = ray.remote(write_prediction).options(num_cpus=1, scheduling_strategy=on_driver_node)
-    genome = str(job.options.genome.resolve())
-    out = str(job.options.out.resolve())
-    lengths = dict(job.genome_contigs)
-    columns = ray.put(job.columns)
-    return (
-        lambda w: read.remote(genome, w),
-        lambda w, prediction: write.remote(out, prediction, lengths[w.chrom], columns, job.options.on_nonfinite),
-    )
+class IoPool:
+    """The reading and writing processes of a run, started once on the driver's node (the genome and
+    OUT need to exist only where agpipe runs). Long-lived actors rather than Ray tasks: a task
+    process is started on demand and imports its modules at its first task (~3.5 s each on the
+    GPU machine), and a model worker waiting for a read on such a process idles that long; while
+    Ray's pool of task processes grew, GPU workers idled more than half of the time.
+
+    Reads are a few ms a window, so a few readers (holding no CPU of Ray's accounting) serve many
+    GPUs; each writer holds a CPU, and a write goes to the writer with the fewest writes queued.
+    """
+
+    def __init__(self, job: Job, node_id: str, writers: int, readers: int, restarts: int):
+        on_driver_node = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        options = dict(scheduling_strategy=on_driver_node, max_restarts=restarts, max_task_retries=restarts)
+        reader = ray.remote(GenomeReader).options(num_cpus=0, **options)
+        writer = ray.remote(PredictionWriter).options(num_cpus=1, **options)
+        genome = str(job.options.genome.resolve())
+        out = str(job.options.out.resolve())
+        lengths = dict(job.genome_contigs)
+        self.readers = [reader.remote(genome) for _ in range(readers)]
+        self.writers = [writer.remote(out, lengths, job.columns, job.options.on_nonfinite, job.options.compression) for _ in range(writers)]
+        self.reads = 0
+        self.queued = [0] * writers  # writes submitted to each writer, not yet finished
+        self.writer_of: dict[ray.ObjectRef, int] = {}
+
+    def read(self, window: Window) -> ray.ObjectRef:
+        self.reads += 1
+        return self.readers[self.reads % len(self.readers)].read.remote(window)
+
+    def write(self, window: Window, prediction: ray.ObjectRef) -> ray.ObjectRef:
+        i = min(range(len(self.writers)), key=self.queued.__getitem__)
+        ref = self.writers[i].write.remote(prediction)
+        self.queued[i] += 1
+        self.writer_of[ref] = i
+        return ref
+
+    def written(self, ref: ray.ObjectRef) -> None:
+        """A write has finished (or failed): its writer has one fewer queued."""
+        self.queued[self.writer_of.pop(ref)] -= 1
+
+    def close(self) -> None:
+        for actor in self.readers + self.writers:
+            ray.kill(actor)
+
+
+def readers_for(workers: int) -> int:
+    """Reading processes for `workers` model workers: a window takes ~8 ms to read and ~40 ms on an
+    H100, so one reader keeps about four GPUs fed."""
+    return max(1, -(-workers // 4))
 
 
 class WindowStream:
@@ -87,12 +135,12 @@ class WindowStream:
     to the others; with none left, they fail. A prediction lost with its node is computed again.
     """
 
-    def __init__(self, windows: Iterator[Window], workers: list, batch_size: int, limit: int, tasks: tuple[Callable, Callable]):
+    def __init__(self, windows: Iterator[Window], workers: list, batch_size: int, limit: int, io: IoPool):
         self.windows = windows
         self.workers = dict(enumerate(workers))  # the live ones, taking batches
         self.batch_size = batch_size
         self.limit = limit
-        self.read, self.write = tasks
+        self.io = io
         self.batches: dict[int, int] = dict.fromkeys(self.workers, 0)  # per worker: batches submitted, not done
         self.batch_done: dict[ray.ObjectRef, int] = {}  # a batch's first prediction -> its worker
         self.writes: dict[ray.ObjectRef, tuple[Window, int]] = {}  # write task -> its window and worker
@@ -112,9 +160,9 @@ class WindowStream:
         self.stopped = True
 
     def cancel(self, timeout: float = CANCEL_SECONDS) -> None:
-        """Submits nothing more and cancels the writing in flight, waiting (up to `timeout`) for it
-        to end: a run that fails lets go of OUT with nothing still writing there. A write cancelled
-        mid-file removes its temporary (agpipe.io.parquet)."""
+        """Submits nothing more, cancels the writes still queued and waits (up to `timeout`) for
+        those being written (a writer is not interrupted mid-file) to end: a run that fails lets go
+        of OUT with nothing still writing there."""
         self.stop()
         if writes := list(self.writes):
             for ref in writes:
@@ -138,6 +186,7 @@ class WindowStream:
             self._submit()  # the workers get their next batches before the driver records the writes
             for ref in ready & self.writes.keys():
                 window, worker = self.writes.pop(ref)
+                self.io.written(ref)
                 try:
                     yield window, ray.get(ref)
                 except ray.exceptions.RayError as e:
@@ -193,13 +242,13 @@ class WindowStream:
             batch += itertools.islice(self.windows, size - len(batch))
             if not batch:
                 return
-            reads = [self.read(w) for w in batch]
+            reads = [self.io.read(w) for w in batch]
             predictions = self.workers[worker].predict.options(num_returns=len(batch)).remote(*reads)
             predictions = predictions if len(batch) > 1 else [predictions]
             self.batch_done[predictions[0]] = worker
             self.batches[worker] += 1
             for w, prediction in zip(batch, predictions):
-                self.writes[self.write(w, prediction)] = (w, worker)
+                self.writes[self.io.write(w, prediction)] = (w, worker)
 
 
 def error_line(e: BaseException) -> str:

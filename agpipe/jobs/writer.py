@@ -89,6 +89,7 @@ def write_prediction(
     contig_length: int,
     columns: Mapping[Output, Sequence[str]],
     on_nonfinite: str,
+    compression: str = "zstd",
 ) -> WrittenWindow:
     """Writes one window's part files; returns its windows.parquet row.
 
@@ -113,10 +114,10 @@ def write_prediction(
         by_resolution.setdefault(JUNCTIONS.resolution, {})
     for resolution, outputs in by_resolution.items():
         with_junctions = junctions if resolution == JUNCTIONS.resolution else None
-        parts += write_window(out_dir, cropped_span(w, resolution), contig_length, outputs, columns, junctions=with_junctions)
+        parts += write_window(out_dir, cropped_span(w, resolution), contig_length, outputs, columns, junctions=with_junctions, compression=compression)
     if result.contact_maps is not None:
         span = cropped_span(w, CONTACT_MAPS.resolution)
-        parts += write_window(out_dir, span, contig_length, {}, columns, contact_maps=result.contact_maps)
+        parts += write_window(out_dir, span, contig_length, {}, columns, contact_maps=result.contact_maps, compression=compression)
     writing = time.perf_counter() - started
     done = WindowRecord(**record, status="done", nonfinite_count=result.nonfinite_count, seconds=result.seconds + writing, parts=tuple(parts))
     return WrittenWindow(done, result.compute_seconds, writing)
