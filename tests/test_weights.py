@@ -29,6 +29,7 @@ from huggingface_hub import errors as hf_errors
 
 from agpipe.cli import main
 from agpipe.model import weights as weights_module
+from agpipe.model.alphagenome import AlphaGenome
 from agpipe.model.checkpoint import (
     file_sha256,
     flatten_tree,
@@ -39,9 +40,9 @@ from agpipe.model.checkpoint import (
     unflatten_tree,
     write_orbax,
 )
-from agpipe.model.config import DEFAULT_OUTPUTS, HEADS, OFFICIAL, ORGANISMS, SMALL
+from agpipe.model.config import ALL_OUTPUTS, DEFAULT_OUTPUTS, HEADS, OFFICIAL, ORGANISMS, SMALL
 from agpipe.model.metadata import FIELDS, FILES, OUTPUT_TYPES, Track, TrackMetadata, load_metadata, synthetic_metadata
-from agpipe.model.precision import FLOAT32
+from agpipe.model.precision import BFLOAT16, FLOAT32
 from agpipe.model.weights import (
     METADATA_SHA256,
     WeightsError,
@@ -333,6 +334,22 @@ def test_convert_and_load_never_unpickle(small_checkpoint, tmp_path, monkeypatch
     weights = load_weights(resolve_weights(str(tmp_path / "w.safetensors"), "alphagenome"))
     load_model(weights, 0, DEFAULT_OUTPUTS, FLOAT32, "cpu")
     load_model(load_weights(resolve_weights(None, "demo")), 1, DEFAULT_OUTPUTS, FLOAT32, "cpu")
+
+
+def test_the_model_is_prepared_where_its_weights_are(monkeypatch):
+    """load_model moves the weights to the device before prepare_ folds them (on a GPU that takes
+    milliseconds, not the seconds of a worker's one CPU thread). So prepare_ must work on the device's
+    tensors without copying them to the host: the meta device, which has no values, checks that."""
+    prepare, seen = AlphaGenome.prepare_, set()
+
+    def recording(model, *args, **kwargs):
+        seen.update(p.device.type for p in model.parameters())
+        return prepare(model, *args, **kwargs)
+
+    monkeypatch.setattr(AlphaGenome, "prepare_", recording)
+    model, _ = load_model(load_weights(resolve_weights(None, "demo")), 0, ALL_OUTPUTS, BFLOAT16, "meta")
+    assert seen == {"meta"}
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
 
 
 # ---- config detection ---------------------------------------------------------------------------
