@@ -121,7 +121,8 @@ def run_pipeline(genome: Path, weights: Path, out: Path, gpus: int, window: int,
         raise SystemExit(f"agpipe run on {gpus} GPU(s) failed:\n{proc.stderr[-3000:]}")
     timings = json.loads((out / "manifest.json").read_text())["timings"]
     first = timings.get("first_window_seconds") or 0.0
-    busy = [np.mean(u) for t, u in sampler.samples if first + 1.0 < t - t0 < timings["wall_seconds"]]
+    last = timings.get("last_window_seconds") or timings["wall_seconds"]
+    busy = [np.mean(u) for t, u in sampler.samples if first + 1.0 < t - t0 < last]
     row = run_metrics(out, gpus, cpus)
     row.update(wall_s=wall, gpu_busy_fraction=float(np.mean(busy)) / 100 if busy else None, stderr_tail=proc.stderr[-1500:])
     row["timeline"] = timeline_summary(timeline) if timeline.exists() else None
