@@ -297,6 +297,20 @@ def test_the_io_pool_reads_windows_and_sends_each_write_to_the_least_busy_writer
         pool.close()
 
 
+def test_a_run_writes_its_ray_timeline_and_the_benchmark_reads_it(small_genome, tmp_path, ray_address):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_pipeline import timeline_summary
+
+    trace = tmp_path / "trace" / "run.json"
+    options = RunOptions(genome=small_genome, out=tmp_path / "out", window=WINDOW, crop=CROP, model="demo", parity_sample=0)
+    summary = run_job(options, ray_address=ray_address, progress=False, log=lambda message: None, timeline=trace)
+    found = timeline_summary(trace)  # the session's Ray instance: earlier tests' tasks are in it too
+    assert found["ModelWorker.predict"]["tasks"] >= summary.computed > 0
+    assert found["PredictionWriter.write"]["tasks"] >= summary.counts["done"] + summary.counts["skipped_all_n"]
+    assert found["GenomeReader.read"]["execute_median_ms"] > 0 and found["windows_per_s"] > 0
+    assert 0 <= min(found["ModelWorker.predict"]["idle_fraction"].values()) <= 1
+
+
 class EchoIo:
     """A stand-in for the run's IoPool: a window reads as itself, a prediction writes as itself."""
 
