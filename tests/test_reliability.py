@@ -12,9 +12,11 @@ import hashlib
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -33,7 +35,7 @@ from agpipe.io.parquet import TEMP_NAME, OutputError, decode_contig, output_erro
 from agpipe.jobs import run as run_module
 from agpipe.jobs.options import Node, RunOptions, resolve_execution
 from agpipe.jobs.plan import Window, plan_windows
-from agpipe.jobs.stream import WindowStream
+from agpipe.jobs.stream import IoPool, WindowStream
 from agpipe.jobs.run import run_job
 from agpipe.model.checkpoint import CheckpointError, load_weights, read_weights_header, save_weights
 from agpipe.model.config import SMALL
@@ -279,6 +281,46 @@ def test_a_worker_that_does_not_answer_is_rested_its_windows_go_round_and_it_com
     assert sorted(w.window_id for w, _ in outcomes) == list(range(12))  # each window once
     assert all(outcome == w for w, outcome in outcomes) and stream.lost_workers is None
     assert ray.get(workers[0].probed.remote()) >= 1 and 0 in stream.workers  # probed, and back in rotation
+
+
+def test_a_writer_killed_mid_run_is_replaced_and_the_run_completes(tmp_path, small_genome, ray_address, monkeypatch, fault_ledger):
+    """SIGKILL of a PredictionWriter's process (as the OOM killer would): Ray restarts it and
+    retries its writes; the run completes with every window once and no temporary left."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(run_module, "SAVE_WINDOWS", 1)  # windows.parquet after every window: the kill comes mid-run
+    pools: list[IoPool] = []
+
+    class RecordedPool(IoPool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(run_module, "IoPool", RecordedPool)
+    killed: dict = {}
+
+    def kill_a_writer() -> None:
+        deadline = time.monotonic() + 120
+        while not pools and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pid = ray.get(pools[0].writers[0].__ray_call__.remote(lambda writer: os.getpid()))
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):  # absent or being replaced
+                if sum(w.status == "done" for w in read_windows_table(out)) >= 2:
+                    break
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        killed["at"] = time.monotonic()
+
+    thread = threading.Thread(target=kill_a_writer, daemon=True)
+    thread.start()
+    summary = run(small_genome, out, ray_address)
+    finished = time.monotonic()
+    thread.join(10)
+    assert killed["at"] < finished  # mid-run
+    assert summary.status == "complete" and summary.counts["failed"] == 0
+    found = audit(out, options(small_genome, out))
+    fault_ledger("writer process SIGKILLed mid-run", 1, found)
+    assert_clean(found)
 
 
 # ---------------------------------------------------------------- write failures

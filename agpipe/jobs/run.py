@@ -38,6 +38,7 @@ from agpipe.io.parquet import (
     STATUSES,
     OutputError,
     WindowRecord,
+    remove_stale_temporaries,
     write_json_atomic,
     write_tracks_table,
     write_windows_table,
@@ -169,6 +170,8 @@ def run_job(
                 todo = (w for w in job.windows() if w.window_id not in trusted)
                 stream = WindowStream(todo, workers, execution.batch_size, limit, io)
                 run.follow(stream, job.window_count - len(trusted), progress, log)
+                # Nothing is being written now; a writer killed mid-file (and replaced) left a temporary.
+                remove_stale_temporaries(options.out)
             except BaseException as error:
                 if stream is not None:
                     with contextlib.suppress(Exception):  # best effort: the error that stopped the run comes first
