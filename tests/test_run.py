@@ -26,7 +26,8 @@ from agpipe.jobs import run as run_module
 from agpipe.jobs.plan import Window
 from agpipe.jobs.run import run_job
 from agpipe.jobs.stream import IoPool, WindowStream
-from agpipe.jobs.worker import EXIT_ON_BATCH_ENV, EncodedWindow, SkippedWindow
+from agpipe.jobs.windows import EncodedWindow, SkippedWindow
+from agpipe.jobs.worker import EXIT_ON_BATCH_ENV
 from agpipe.model.checkpoint import load_weights, save_weights
 from agpipe.model.config import SMALL, Output, parse_outputs
 from agpipe.model.precision import FLOAT32
@@ -295,6 +296,14 @@ def test_the_io_pool_reads_windows_and_sends_each_write_to_the_least_busy_writer
         assert [r.record.status for r in ray.get([second, third])] == ["skipped_all_n"] * 2
     finally:
         pool.close()
+
+
+def test_the_reading_and_writing_processes_do_not_import_torch():
+    """A run starts one writer per free CPU (dozens on a GPU host) beside its model workers: their
+    modules must not load torch (seconds of CPU and hundreds of MB each)."""
+    code = "import sys, agpipe.jobs.windows, agpipe.jobs.writer; print(sorted(m for m in ('torch', 'jax') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_a_run_writes_its_ray_timeline_and_the_benchmark_reads_it(small_genome, tmp_path, ray_address):

@@ -11,7 +11,8 @@ import torch
 from agpipe.io.fasta import open_genome, one_hot
 from agpipe.io.parquet import CONTACT_MAPS, JUNCTIONS, Junctions, kept_rows, write_window
 from agpipe.jobs.plan import plan_windows
-from agpipe.jobs.worker import CODE_ONE_HOT, EncodedWindow, ModelWorker, SkippedWindow, WindowPrediction, encode_window, kept_outputs
+from agpipe.jobs.windows import CODE_ONE_HOT, EncodedWindow, SkippedWindow, WindowPrediction, encode_window
+from agpipe.jobs.worker import ModelWorker, kept_outputs
 from agpipe.jobs.writer import output_columns, write_prediction
 from agpipe.model.checkpoint import load_weights
 from agpipe.model.config import ALL_OUTPUTS

@@ -22,7 +22,7 @@ import yaml
 
 from agpipe.io.parquet import CONTACT_MAPS, CONTACT_MAP_KEYS, JUNCTION_KEYS, JUNCTIONS, PREDICTION_KEYS, WindowRecord, kept_rows, part_path, validate_part
 from agpipe.jobs.plan import Window
-from agpipe.jobs.worker import WindowPrediction
+from agpipe.jobs.windows import WindowPrediction
 from agpipe.model.agreement import Agreement, agreement
 from agpipe.model.config import Output
 

@@ -30,7 +30,7 @@ from agpipe.jobs.parity_report import PARITY_DIR, REPORT_FILE, write_parity_fold
 from agpipe.jobs.plan import Window
 from agpipe.jobs.reference import ReferenceWorker, gpu_environment
 from agpipe.jobs.stream import error_line
-from agpipe.jobs.worker import SkippedWindow, encode_window
+from agpipe.jobs.windows import SkippedWindow, encode_window
 from agpipe.model.config import Output, parse_outputs
 
 REFERENCE_GPU_SHARE = 0.2  # Ray's GPU resource: a share, so it never waits for a whole card

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from agpipe.io.parquet import JUNCTIONS
-from agpipe.jobs.worker import CODE_ONE_HOT, EncodedWindow, WindowPrediction, kept_outputs
+from agpipe.jobs.windows import CODE_ONE_HOT, EncodedWindow, WindowPrediction
+from agpipe.jobs.worker import kept_outputs
 from agpipe.model.checkpoint import load_weights, official_to_ours, ours_to_official, read_orbax
 from agpipe.model.config import HEADS, ORGANISMS, ModelConfig, Output
 from agpipe.model.heads import JunctionPredictions

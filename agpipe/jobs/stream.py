@@ -19,12 +19,10 @@ from collections.abc import Iterator
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from agpipe.io.fasta import open_genome
 from agpipe.jobs.options import Execution, Job
 from agpipe.jobs.plan import Window
-from agpipe.jobs.worker import EncodedWindow, SkippedWindow, WindowPrediction, encode_window
-from agpipe.jobs.writer import WrittenWindow, write_prediction
-from agpipe.model.config import Output
+from agpipe.jobs.windows import GenomeReader
+from agpipe.jobs.writer import PredictionWriter, WrittenWindow
 
 BATCHES_PER_WORKER = 2  # submitted to a worker at once: one computing, one waiting, so it never idles
 OBJECT_STORE_SHARE = 0.25  # of the driver node's object store, for predictions waiting to be written
@@ -51,34 +49,13 @@ def windows_in_flight(execution: Execution, window_bytes: int, store_bytes: floa
     return max(at_model, min(at_model + max(at_model, io_cpus), fits))
 
 
-class GenomeReader:
-    """A process of the driver's node that reads windows as base codes for the model workers."""
-
-    def __init__(self, genome_path: str):
-        self.genome = open_genome(genome_path)
-
-    def read(self, window: Window) -> EncodedWindow | SkippedWindow:
-        return encode_window(self.genome, window)
-
-
-class PredictionWriter:
-    """A process of the driver's node that writes predictions into OUT, one window at a time."""
-
-    def __init__(self, out: str, lengths: dict[str, int], columns: dict[Output, list[str]], on_nonfinite: str, compression: str):
-        self.out, self.lengths, self.columns = out, lengths, columns
-        self.on_nonfinite, self.compression = on_nonfinite, compression
-
-    def write(self, prediction: WindowPrediction | SkippedWindow) -> WrittenWindow:
-        length = self.lengths[prediction.window.chrom]
-        return write_prediction(self.out, prediction, length, self.columns, self.on_nonfinite, self.compression)
-
-
 class IoPool:
     """The reading and writing processes of a run, started once on the driver's node (the genome and
     OUT need to exist only where agpipe runs). Long-lived actors rather than Ray tasks: a task
     process is started on demand and imports its modules at its first task (~3.5 s each on the
     GPU machine), and a model worker waiting for a read on such a process idles that long; while
-    Ray's pool of task processes grew, GPU workers idled more than half of the time.
+    Ray's pool of task processes grew, GPU workers idled more than half of the time. Their classes
+    live in modules without torch, so dozens of them start quickly beside the model workers.
 
     Reads are a few ms a window, so a few readers (holding no CPU of Ray's accounting) serve many
     GPUs; each writer holds a CPU, and a write goes to the writer with the fewest writes queued.

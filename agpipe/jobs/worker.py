@@ -1,14 +1,9 @@
 """The model worker: loads the weights once, then turns batches of encoded windows into each window's
-kept predictions as numpy arrays. Also the reading side that prepares its input.
+kept predictions as numpy arrays (agpipe.jobs.windows describes what goes in and out).
 
 `ModelWorker` is a plain class; agpipe.jobs.run makes it a Ray actor (one per GPU, or CPU workers).
 Outputs stay on the device until they are cropped to the window's kept span, so the host copy and
-the object store after it hold only what will be written. Per window, the object store carries:
-
-    in   EncodedWindow      base codes, 1 byte per base (512 KiB for a 512 kb window)
-    out  WindowPrediction   float32 kept rows of each output (kept bins x real tracks x 4 bytes),
-                            the kept square of the contact maps, and the junctions between kept
-                            sites as a sparse list of (donor, acceptor, counts per tissue)
+the object store after it hold only what will be written.
 """
 
 from __future__ import annotations
@@ -22,79 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agpipe.io.fasta import Genome, is_all_n, one_hot
 from agpipe.io.parquet import CONTACT_MAPS, JUNCTIONS, kept_rows
 from agpipe.jobs.plan import Window
+from agpipe.jobs.windows import CODE_ONE_HOT, EncodedWindow, JunctionPairs, SkippedWindow, WindowPrediction
 from agpipe.model.checkpoint import load_weights
 from agpipe.model.config import ORGANISMS, Output
 from agpipe.model.heads import JunctionPredictions
 from agpipe.model.precision import compile_options, resolve_precision
 from agpipe.model.weights import WeightsError, load_model
 
-# A one-hot row (fasta.one_hot decides which bytes are bases) -> 0 for no base, 1..4 for A, C, G, T;
-# the worker maps the codes back to one-hot rows on the device with CODE_ONE_HOT.
-CODE_OF_ONE_HOT = np.arange(1, 5, dtype=np.float32)
-CODE_ONE_HOT = np.concatenate([np.zeros((1, 4), np.float32), np.eye(4, dtype=np.float32)])
-
 # Test hook: "N:MARKER" makes a worker process die hard (os._exit) when its Nth batch arrives, once:
 # it creates MARKER first, and does nothing while MARKER exists. Tests kill a worker mid-run with it.
 EXIT_ON_BATCH_ENV = "AGPIPE_TEST_EXIT_ON_BATCH"
-
-
-@dataclasses.dataclass(frozen=True)
-class SkippedWindow:
-    """A window whose kept span is all N: it is not predicted."""
-
-    window: Window
-    seconds: float
-
-
-@dataclasses.dataclass(frozen=True)
-class EncodedWindow:
-    window: Window
-    codes: np.ndarray  # (window,) uint8 base codes (see CODE_OF_ONE_HOT)
-    seconds: float  # reading and encoding
-
-
-def encode_window(genome: Genome, window: Window) -> EncodedWindow | SkippedWindow:
-    """Reads a window's input span (N beyond the contig) as base codes, or skips it if all N."""
-    started = time.perf_counter()
-    sequence = genome.fetch(window.chrom, window.start, window.end)
-    if is_all_n(sequence[window.out_start - window.start : window.out_end - window.start]):
-        return SkippedWindow(window, time.perf_counter() - started)
-    codes = (one_hot(sequence) @ CODE_OF_ONE_HOT).astype(np.uint8)
-    return EncodedWindow(window, codes, time.perf_counter() - started)
-
-
-@dataclasses.dataclass(frozen=True)
-class JunctionPairs:
-    """One strand's junctions between real sites in the kept span, in the contract's orientation."""
-
-    donor: np.ndarray  # (N,) int: index into the strand's donor row of the positions
-    acceptor: np.ndarray  # (N,) int: index into the strand's acceptor row
-    counts: np.ndarray  # (N, tissues) float32
-
-
-@dataclasses.dataclass(frozen=True)
-class WindowPrediction:
-    window: Window
-    # Per-bin outputs, rows kept_rows(window, resolution): (rows, tracks), column-major, in the
-    # model's output dtype; bfloat16 values travel as their uint16 bit patterns (half the bytes of
-    # float32 through the host copy and the object store). `values` widens them exactly.
-    tracks: dict[Output, np.ndarray]
-    contact_maps: np.ndarray | None  # (P, P, tracks): the bins kept_rows(window, 2048) on both axes
-    junction_positions: np.ndarray | None  # (4, K) sites, bases from the window start, -1 for none
-    junction_pairs: tuple[JunctionPairs, JunctionPairs] | None  # + strand, - strand
-    nonfinite_count: int  # NaN or infinite values in what will be written
-    compute_seconds: float = 0.0  # the window's share of its batch's model time (forward, crop, copy)
-    seconds: float = 0.0  # reading + compute_seconds
-
-    def values(self, output: Output) -> np.ndarray:
-        """An output's kept rows as float32 (rows, tracks), column-major."""
-        values = self.tracks[output]
-        if values.dtype == np.uint16:  # bfloat16 bits: the high half of a float32
-            return (values.astype(np.uint32) << 16).view(np.float32)
-        return values.astype(np.float32, copy=False)
 
 
 class ModelWorker:

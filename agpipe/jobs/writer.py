@@ -1,7 +1,7 @@
 """The writing side of a run: which columns each output gets, and writing one window's predictions
 (the body of the CPU Ray task that runs behind the model workers).
 
-The worker hands over only the kept part of each output (see agpipe.jobs.worker), so each group of
+The worker hands over only the kept part of each output (see agpipe.jobs.windows), so each group of
 outputs is written against the sub-span its rows cover: `cropped_span` is a WindowSpan whose
 [start, end) is those rows, and parquet.write_window, keeping the rows whose bins start in the kept
 span, keeps all of them.
@@ -29,7 +29,7 @@ from agpipe.io.parquet import (
     write_window,
 )
 from agpipe.jobs.plan import Window
-from agpipe.jobs.worker import JunctionPairs, SkippedWindow, WindowPrediction
+from agpipe.jobs.windows import JunctionPairs, SkippedWindow, WindowPrediction
 from agpipe.model.config import Output
 from agpipe.model.metadata import TrackMetadata
 
@@ -121,6 +121,19 @@ def write_prediction(
     writing = time.perf_counter() - started
     done = WindowRecord(**record, status="done", nonfinite_count=result.nonfinite_count, seconds=result.seconds + writing, parts=tuple(parts))
     return WrittenWindow(done, result.compute_seconds, writing)
+
+
+class PredictionWriter:
+    """A process of the driver's node that writes predictions into OUT, one window at a time (no
+    torch imported: it starts in about a second; agpipe.jobs.stream.IoPool runs these)."""
+
+    def __init__(self, out: str, lengths: dict[str, int], columns: dict[Output, list[str]], on_nonfinite: str, compression: str):
+        self.out, self.lengths, self.columns = out, lengths, columns
+        self.on_nonfinite, self.compression = on_nonfinite, compression
+
+    def write(self, prediction: WindowPrediction | SkippedWindow) -> WrittenWindow:
+        length = self.lengths[prediction.window.chrom]
+        return write_prediction(self.out, prediction, length, self.columns, self.on_nonfinite, self.compression)
 
 
 def junctions_from_pairs(positions: np.ndarray, pairs: Sequence[JunctionPairs], offset: int) -> Junctions:
