@@ -266,7 +266,7 @@ class EchoIo:
     def read(self, window):
         return ray.put(window)
 
-    def write(self, window, prediction):
+    def write(self, prediction):
         return echo.remote(prediction)
 
     def written(self, ref):

@@ -288,10 +288,10 @@ def test_the_io_pool_reads_windows_and_sends_each_write_to_the_least_busy_writer
         assert any(isinstance(r, EncodedWindow) for r in read)
         windows = windows[:3]
         skipped = [ray.put(SkippedWindow(w, 0.0)) for w in windows]  # written as records only: no files
-        first, second = pool.write(windows[0], skipped[0]), pool.write(windows[1], skipped[1])
+        first, second = pool.write(skipped[0]), pool.write(skipped[1])
         assert pool.queued == [1, 1]
         pool.written(first)
-        third = pool.write(windows[2], skipped[2])  # to the writer that has none queued
+        third = pool.write(skipped[2])  # to the writer that has none queued
         assert pool.queued == [1, 1] and pool.writer_of[third] == 0
         assert [r.record.status for r in ray.get([second, third])] == ["skipped_all_n"] * 2
     finally:
@@ -326,7 +326,7 @@ class EchoIo:
     def read(self, window):
         return ray.put(window)
 
-    def write(self, window, prediction):
+    def write(self, prediction):
         return echo.remote(prediction)
 
     def written(self, ref):

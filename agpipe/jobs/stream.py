@@ -79,7 +79,7 @@ class IoPool:
         self.reads += 1
         return self.readers[self.reads % len(self.readers)].read.remote(window)
 
-    def write(self, window: Window, prediction: ray.ObjectRef) -> ray.ObjectRef:
+    def write(self, prediction: ray.ObjectRef) -> ray.ObjectRef:
         i = min(range(len(self.writers)), key=self.queued.__getitem__)
         ref = self.writers[i].write.remote(prediction)
         self.queued[i] += 1
@@ -225,7 +225,7 @@ class WindowStream:
             self.batch_done[predictions[0]] = worker
             self.batches[worker] += 1
             for w, prediction in zip(batch, predictions):
-                self.writes[self.io.write(w, prediction)] = (w, worker)
+                self.writes[self.io.write(prediction)] = (w, worker)
 
 
 def error_line(e: BaseException) -> str:
