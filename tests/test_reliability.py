@@ -283,9 +283,10 @@ def test_a_worker_that_does_not_answer_is_rested_its_windows_go_round_and_it_com
     assert ray.get(workers[0].probed.remote()) >= 1 and 0 in stream.workers  # probed, and back in rotation
 
 
-def test_a_writer_killed_mid_run_is_replaced_and_the_run_completes(tmp_path, small_genome, ray_address, monkeypatch, fault_ledger):
-    """SIGKILL of a PredictionWriter's process (as the OOM killer would): Ray restarts it and
-    retries its writes; the run completes with every window once and no temporary left."""
+@pytest.mark.parametrize("role", ["writers", "readers"])
+def test_a_reader_or_writer_killed_mid_run_is_replaced_and_the_run_completes(tmp_path, small_genome, ray_address, monkeypatch, fault_ledger, role):
+    """SIGKILL of a PredictionWriter's or GenomeReader's process (as the OOM killer would): Ray
+    restarts it and retries its calls; the run completes with every window once, no temporary left."""
     out = tmp_path / "out"
     monkeypatch.setattr(run_module, "SAVE_WINDOWS", 1)  # windows.parquet after every window: the kill comes mid-run
     pools: list[IoPool] = []
@@ -302,7 +303,7 @@ def test_a_writer_killed_mid_run_is_replaced_and_the_run_completes(tmp_path, sma
         deadline = time.monotonic() + 120
         while not pools and time.monotonic() < deadline:
             time.sleep(0.01)
-        pid = ray.get(pools[0].writers[0].__ray_call__.remote(lambda writer: os.getpid()))
+        pid = ray.get(getattr(pools[0], role)[0].__ray_call__.remote(lambda actor: os.getpid()))
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):  # absent or being replaced
                 if sum(w.status == "done" for w in read_windows_table(out)) >= 2:
@@ -319,7 +320,7 @@ def test_a_writer_killed_mid_run_is_replaced_and_the_run_completes(tmp_path, sma
     assert killed["at"] < finished  # mid-run
     assert summary.status == "complete" and summary.counts["failed"] == 0
     found = audit(out, options(small_genome, out))
-    fault_ledger("writer process SIGKILLed mid-run", 1, found)
+    fault_ledger(f"{role[:-1]} process SIGKILLed mid-run", 1, found)
     assert_clean(found)
 
 
