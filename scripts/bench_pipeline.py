@@ -221,6 +221,29 @@ def run_metrics(out: Path, gpus: int, cpus: int) -> dict:
     }
 
 
+def table(rows: list[dict]) -> str:
+    """The runs as a Markdown table (timeline columns from timeline_summary)."""
+    lines = [
+        "| GPUs | args | windows/s | Mb/s | GPU busy | worker idle | predict ms (store) | write s | MB/s written | first window s | scaling | end-to-end / model-only | hg38 hours | same values |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = r["timeline"] or {}
+        predict, write = t.get("ModelWorker.predict", {}), t.get("PredictionWriter.write", {})
+        idle = max(predict.get("idle_fraction", {}).values(), default=float("nan"))
+        lines.append(
+            f"| {r['gpus']} | {' '.join(r['run_args']) or '-'} | {r['windows_per_s']:.2f} | {r['bases_per_s'] / 1e6:.1f} | {fmt(r['gpu_busy_fraction'])} | {idle:.2f} | "
+            f"{predict.get('median_ms', float('nan')):.1f} ({predict.get('store_outputs_median_ms', float('nan')):.1f}) | {write.get('median_ms', float('nan')) / 1e3:.2f} | "
+            f"{r['bytes_written_per_s'] / 1e6:.0f} | {r['first_window_s']:.0f} | {r['scaling_efficiency']:.2f} | {fmt(r['end_to_end_over_model_only'])} | "
+            f"{r['hg38_projection_hours']:.2f} | {r.get('identical_to_first', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def same_values(a: Path, b: Path) -> bool:
     """Both runs wrote the same part files with the same values (bit for bit): parts whose sha256
     (recorded in windows.parquet) match hold the same bytes; any other pair is compared by value."""
@@ -288,11 +311,7 @@ def main() -> None:
         row["hg38_projection_hours"] = HG38_BASES / row["bases_per_s"] / 3600
         if row is not rows[0] and row["run_args"] == rows[0]["run_args"]:  # same codec: compares checksums
             row["identical_to_first"] = same_values(Path(rows[0]["out"]), Path(row["out"]))
-    print("\n| GPUs | windows/s | Mb/s | GPU busy | MB/s written | first window s | scaling | end-to-end / model-only | hg38 hours | same values |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['gpus']} | {r['windows_per_s']:.2f} | {r['bases_per_s'] / 1e6:.1f} | {r['gpu_busy_fraction']} | {r['bytes_written_per_s'] / 1e6:.0f} | "
-              f"{r['first_window_s']:.0f} | {r['scaling_efficiency']:.2f} | {r['end_to_end_over_model_only']} | {r['hg38_projection_hours']:.2f} | {r.get('identical_to_first', '-')} |")
+    print("\n" + table(rows))
     result.write_text(json.dumps({**header, "runs": rows}, indent=1))
     print(f"wrote {result}")
 
