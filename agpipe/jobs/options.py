@@ -189,7 +189,7 @@ class Node:
     node_id: str
     cpus: int
     gpus: int
-    driver: bool  # agpipe runs here: its reading and writing tasks need some of this node's CPUs
+    driver: bool  # agpipe runs here: its readers and writers need some of this node's CPUs
 
 
 def resolve_execution(options: RunOptions, nodes: Sequence[Node]) -> tuple[Execution, list[str]]:
@@ -219,7 +219,7 @@ def resolve_execution(options: RunOptions, nodes: Sequence[Node]) -> tuple[Execu
 
 def cpu_workers(nodes: Sequence[Node]) -> tuple[int, list[str]]:
     """(CPUs each, node of each worker) for a CPU-only run. The node running agpipe keeps a quarter
-    of its CPUs (at least one) for the reading and writing tasks; the rest of every node goes to
+    of its CPUs (at least one) for the readers and writers; the rest of every node goes to
     workers of about CPUS_PER_CPU_WORKER threads, as one model using many threads beats many models
     sharing memory bandwidth. All workers have one size, set by the largest node, so each fits on
     its node. On one node of 2 CPUs: one worker of one CPU (its torch threads: see ModelWorker's

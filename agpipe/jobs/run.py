@@ -321,7 +321,7 @@ def driver_node() -> tuple[str, float]:
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     if not node["Resources"].get("CPU"):
-        raise RunError("the Ray node running agpipe has no CPUs for its reading and writing tasks: run agpipe on a node with CPUs")
+        raise RunError("the Ray node running agpipe has no CPUs for its readers and writers: run agpipe on a node with CPUs")
     return node_id, node["Resources"].get("object_store_memory", 0)
 
 

@@ -120,7 +120,7 @@ class WindowStream:
         self.io = io
         self.batches: dict[int, int] = dict.fromkeys(self.workers, 0)  # per worker: batches submitted, not done
         self.batch_done: dict[ray.ObjectRef, int] = {}  # a batch's first prediction -> its worker
-        self.writes: dict[ray.ObjectRef, tuple[Window, int]] = {}  # write task -> its window and worker
+        self.writes: dict[ray.ObjectRef, tuple[Window, int]] = {}  # write call -> its window and worker
         self.probes: dict[ray.ObjectRef, tuple[int, object]] = {}  # a call to a rested worker -> it
         self.requeued: deque[Window] = deque()  # windows of lost workers or predictions, to go first
         self.retries: dict[int, int] = {}  # window id -> times requeued
