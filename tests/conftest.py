@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 
 # A small genome of awkward shape: lengths that are multiples of nothing, soft-masked (lowercase)
 # stretches, IUPAC codes, N runs, a contig shorter than one window and one whose name needs
@@ -15,6 +16,25 @@ import pytest
 SMALL_GENOME = {"chr1": 40_001, "chr2": 25_037, "odd:name/1": 3_001, "chrM": 1_234}
 N_RUNS = {"chr1": [(11_000, 20_000), (39_000, 39_500)], "chr2": [(0, 700)]}
 WINDOW, CROP = 8192, 1024
+
+
+@ray.remote(num_cpus=0)
+def echo(item):
+    return item
+
+
+class EchoIo:
+    """A stand-in for a run's IoPool (agpipe.jobs.stream): a window reads as itself, a prediction
+    writes as itself."""
+
+    def read(self, window):
+        return ray.put(window)
+
+    def write(self, prediction):
+        return echo.remote(prediction)
+
+    def written(self, ref):
+        pass
 
 
 def random_sequence(rng: np.random.Generator, length: int, n_runs: list[tuple[int, int]]) -> bytes:
@@ -53,8 +73,6 @@ def agpipe_home(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def ray_address(agpipe_home) -> str:
     """One local Ray instance for the session; tests pass its address to the job."""
-    import ray
-
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -41,7 +41,7 @@ from agpipe.model.checkpoint import CheckpointError, load_weights, read_weights_
 from agpipe.model.config import SMALL
 from agpipe.model.weights import demo_weights
 
-from conftest import CROP, WINDOW, random_sequence, write_fasta
+from conftest import CROP, WINDOW, EchoIo, random_sequence, write_fasta
 from run_audit import assert_clean, audit
 from test_fasta import fasta_bytes, messy_fasta, reference_parse
 from test_fasta import write_fasta as write_fasta_bytes
@@ -253,24 +253,6 @@ class FlakyWorker:
 
     def probed(self) -> int:
         return self.probes
-
-
-@ray.remote(num_cpus=0)
-def echo(item):
-    return item
-
-
-class EchoIo:
-    """A stand-in for the run's IoPool: a window reads as itself, a prediction writes as itself."""
-
-    def read(self, window):
-        return ray.put(window)
-
-    def write(self, prediction):
-        return echo.remote(prediction)
-
-    def written(self, ref):
-        pass
 
 
 def test_a_worker_that_does_not_answer_is_rested_its_windows_go_round_and_it_comes_back(ray_address):

@@ -33,7 +33,7 @@ from agpipe.model.config import SMALL, Output, parse_outputs
 from agpipe.model.precision import FLOAT32
 from agpipe.model.weights import demo_weights, load_model
 
-from conftest import CROP, WINDOW, random_sequence, write_fasta
+from conftest import CROP, WINDOW, EchoIo, random_sequence, write_fasta
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -269,11 +269,6 @@ class EchoWorker:
         return list(items) if len(items) > 1 else items[0]
 
 
-@ray.remote(num_cpus=0)
-def echo(item):
-    return item
-
-
 def test_the_io_pool_reads_windows_and_sends_each_write_to_the_least_busy_writer(small_genome, tmp_path, ray_address):
     job = prepare_job(RunOptions(genome=small_genome, out=tmp_path / "out", window=WINDOW, crop=CROP, model="demo"))
     pool = IoPool(job, ray.get_runtime_context().get_node_id(), writers=2, readers=1, restarts=0)
@@ -318,19 +313,6 @@ def test_a_run_writes_its_ray_timeline_and_the_benchmark_reads_it(small_genome, 
     assert found["PredictionWriter.write"]["tasks"] >= summary.counts["done"] + summary.counts["skipped_all_n"]
     assert found["GenomeReader.read"]["execute_median_ms"] > 0 and found["windows_per_s"] > 0
     assert 0 <= min(found["ModelWorker.predict"]["idle_fraction"].values()) <= 1
-
-
-class EchoIo:
-    """A stand-in for the run's IoPool: a window reads as itself, a prediction writes as itself."""
-
-    def read(self, window):
-        return ray.put(window)
-
-    def write(self, prediction):
-        return echo.remote(prediction)
-
-    def written(self, ref):
-        pass
 
 
 def test_windows_of_a_worker_dead_for_good_go_to_the_others(ray_address):

@@ -52,11 +52,11 @@ JUNCTION_KEYS = (("chrom", pa.string()), ("donor", pa.int64()), ("acceptor", pa.
 CONTACT_MAP_KEYS = (("chrom", pa.string()), ("bin_start_i", pa.int64()), ("bin_start_j", pa.int64()))
 RESERVED_COLUMNS = frozenset(name for keys in (PREDICTION_KEYS, JUNCTION_KEYS, CONTACT_MAP_KEYS) for name, _ in keys)
 
-# Row groups of about this many uncompressed bytes: a 1 bp window of a wide head is gigabytes, and
-# readers hold a whole row group in memory; a 128 bp window (tens of MB) stays one row group.
 # Codecs of the part files: zstd (the default, smallest files) or lz4 (about a third less writing
 # CPU for ~16% larger files: for hosts whose CPUs cannot keep up with their GPUs; docs/performance.md).
 COMPRESSIONS = ("zstd", "lz4")
+# Row groups of about this many uncompressed bytes: a 1 bp window of a wide head is gigabytes, and
+# readers hold a whole row group in memory; a 128 bp window (tens of MB) stays one row group.
 ROW_GROUP_BYTES = 64 * 2**20
 MIN_ROW_GROUP_ROWS = 1024
 
