@@ -44,8 +44,10 @@ def parse_cases(text: str) -> list[tuple[int, str]]:
     return [(int(length), outputs) for length, outputs in (c.split(":") for c in text.split(","))]
 
 
-def timed(fn, warmup: int, runs: int) -> tuple[float, list[float]]:
-    """First-call seconds (host clock) and warm per-call milliseconds (CUDA events)."""
+def timed(fn, warmup: int, runs: int) -> tuple[float, list[float], list[float]]:
+    """First-call seconds (host clock), warm per-call milliseconds (CUDA events), and the warm calls'
+    host milliseconds: until the call returns with its kernels enqueued, i.e. the CPU a call holds
+    (a pipeline worker's other work must fit beside it)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
@@ -53,22 +55,24 @@ def timed(fn, warmup: int, runs: int) -> tuple[float, list[float]]:
     first = time.perf_counter() - t0
     for _ in range(warmup):
         fn()
-    times = []
+    times, host = [], []
     for _ in range(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         fn()
+        host.append((time.perf_counter() - t0) * 1e3)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return first, times
+    return first, times, host
 
 
 def matmul_ceiling() -> float:
     """Measured bf16 GEMM rate (TFLOP/s) at 8192^3."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    _, times = timed(lambda: a @ b, 5, 20)
+    _, times, _ = timed(lambda: a @ b, 5, 20)
     return 2 * 8192**3 / (statistics.median(times) / 1e3) / 1e12
 
 
@@ -121,11 +125,11 @@ def bench_torch(name, length, outputs, tensors, metadata, precision, flex, compi
     x = torch.nn.functional.one_hot(torch.randint(0, 4, (1, length), device="cuda"), 4).float()
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
-        first, times = timed(lambda: fn(x), warmup, runs)
+        first, times, host = timed(lambda: fn(x), warmup, runs)
         peak = torch.cuda.max_memory_allocated() / 2**30
         if profile:
             print(kernel_summary(lambda: fn(x)), flush=True)
-    return {"impl": name, "first_call_s": first, "ms": statistics.median(times), "ms_all": times, "peak_gib": peak}
+    return {"impl": name, "first_call_s": first, "ms": statistics.median(times), "ms_all": times, "host_ms": statistics.median(host), "peak_gib": peak}
 
 
 def bench_jax(length, outputs_name, params, state, metadata, warmup, runs):
@@ -210,7 +214,7 @@ def main() -> None:
             r["tflops"] = flops / (r["ms"] / 1e3) / 1e12
             r["pct_ceiling"] = 100 * r["tflops"] / ceiling
             rows.append(r)
-            print(f"  {r['impl']:28s} {r['ms']:9.1f} ms  {r['tflops']:6.0f} TFLOP/s  {r['pct_ceiling']:5.1f}%  peak {r['peak_gib']:6.2f} GiB  first {r['first_call_s']:6.1f} s", flush=True)
+            print(f"  {r['impl']:28s} {r['ms']:9.1f} ms  {r['tflops']:6.0f} TFLOP/s  {r['pct_ceiling']:5.1f}%  peak {r['peak_gib']:6.2f} GiB  first {r['first_call_s']:6.1f} s  host {r.get('host_ms', float('nan')):6.1f} ms", flush=True)
     print("\n| length | outputs | implementation | ms / window | TFLOP/s | % of ceiling | peak GiB | first call s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

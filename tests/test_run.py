@@ -214,7 +214,8 @@ def test_a_worker_that_dies_is_replaced_and_the_run_completes(tmp_path, small_ge
 
 def test_a_run_whose_workers_all_die_fails_and_a_rerun_completes_it(tmp_path, small_genome, ray_address, monkeypatch):
     monkeypatch.setattr(run_module, "WORKER_RESTARTS", 0)
-    monkeypatch.setenv(EXIT_ON_BATCH_ENV, f"3:{tmp_path / 'worker-exited'}")
+    # A worker holds BATCHES_PER_WORKER calls at once: by its 8th, its first windows are written.
+    monkeypatch.setenv(EXIT_ON_BATCH_ENV, f"8:{tmp_path / 'worker-exited'}")
     out = tmp_path / "out"
     summary = run(small_genome, out, ray_address, outputs="dnase:128")
     assert summary.status == "failed" and "every model worker died" in summary.error

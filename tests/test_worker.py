@@ -3,6 +3,9 @@ the same files as writing the model's full outputs with parquet.write_window."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -143,3 +146,41 @@ def test_bfloat16_tracks_cross_to_the_host_as_bits_and_come_back_exact(tmp_path,
     written = write_prediction(tmp_path, prediction, dict(genome.contigs)[w.chrom], columns, "flag")
     table = pq.read_table(tmp_path / written.record.parts[0].path)
     np.testing.assert_array_equal(np.stack([table[c].to_numpy() for c in columns[output]], axis=1), expected)
+
+
+def test_calls_at_once_run_in_the_one_model_thread_and_predict_what_calls_in_turn_do(genome):
+    """Ray hands a worker several calls at once (max_concurrency): each call's batch runs in the
+    worker's model thread, and each call gets its own windows' predictions, as one call at a time."""
+    windows = [w for w in plan_windows(genome.contigs, WINDOW, CROP) if w.chrom == "chr2"][:6]
+    encoded = [e for e in (encode_window(genome, w) for w in windows) if isinstance(e, EncodedWindow)]
+    assert len(encoded) >= 4
+    weights = demo_weights()
+    worker = ModelWorker(str(weights), load_weights(weights).sha256, "human", ALL_OUTPUTS[:2], "float32", "cpu", False, 1, WINDOW, 1)
+    in_turn = [worker.predict(e) for e in encoded]
+    model_threads = set()
+    forward = worker._forward
+
+    def recording_forward(*args):
+        model_threads.add(threading.current_thread().name)
+        return forward(*args)
+
+    worker._forward = recording_forward
+    with ThreadPoolExecutor(len(encoded)) as calls:
+        at_once = list(calls.map(worker.predict, encoded))
+    assert model_threads == {"model"}
+    for expected, got in zip(in_turn, at_once):
+        assert got.window == expected.window and got.nonfinite_count == 0 and got.compute_seconds > 0
+        for output, values in expected.tracks.items():
+            np.testing.assert_array_equal(got.tracks[output], values)
+
+
+def test_a_failing_batch_fails_its_call_and_not_the_worker(genome):
+    """An error in the model thread (here: codes of the wrong length) is raised by the call that
+    sent the batch; the model thread goes on with the next one."""
+    w = next(w for w in plan_windows(genome.contigs, WINDOW, CROP) if w.chrom == "chr1")
+    encoded = encode_window(genome, w)
+    weights = demo_weights()
+    worker = ModelWorker(str(weights), load_weights(weights).sha256, "human", ALL_OUTPUTS[:1], "float32", "cpu", False, 1, WINDOW, 1)
+    with pytest.raises(RuntimeError):
+        worker.predict(EncodedWindow(w, encoded.codes[:1000], 0.0))
+    assert worker.predict(encoded).window == w

@@ -50,7 +50,7 @@ from agpipe.jobs.parity import DEFAULT_SAMPLE, ParityError, ParitySettings, pars
 from agpipe.jobs.parity_stage import run_parity_stage
 from agpipe.jobs.plan import Window
 from agpipe.jobs.runfolder import check_run_folder, check_same_precision, clear_parity_check, locked_run_folder, trusted_windows
-from agpipe.jobs.stream import IoPool, WindowStream, error_line, readers_for, windows_in_flight
+from agpipe.jobs.stream import BATCHES_PER_WORKER, IoPool, WindowStream, error_line, readers_for, windows_in_flight
 from agpipe.jobs.worker import EXIT_ON_BATCH_ENV, ModelWorker
 from agpipe.jobs.writer import WrittenWindow
 from agpipe.model.checkpoint import find_orbax_root
@@ -344,6 +344,7 @@ def start_workers(job: Job, execution: Execution, placement: list[str]) -> tuple
         num_cpus=execution.worker_cpus,
         max_restarts=WORKER_RESTARTS,
         max_task_retries=WORKER_RESTARTS,
+        max_concurrency=BATCHES_PER_WORKER,  # its batches overlap: one stored while the next computes
         runtime_env={"env_vars": env} if env else None,
     )
     o = job.options

@@ -24,7 +24,9 @@ from agpipe.jobs.plan import Window
 from agpipe.jobs.windows import GenomeReader
 from agpipe.jobs.writer import PredictionWriter, WrittenWindow
 
-BATCHES_PER_WORKER = 2  # submitted to a worker at once: one computing, one waiting, so it never idles
+# Submitted to a worker at once (it takes them all at once, see agpipe.jobs.worker): one being stored
+# by Ray, one computing, one queued behind it, so the device never waits for the driver or a read.
+BATCHES_PER_WORKER = 3
 OBJECT_STORE_SHARE = 0.25  # of the driver node's object store, for predictions waiting to be written
 TRACEBACK_LAST_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception): (.+)$")
 # A worker that can take no more batches: its restarts are used up, or its node is gone (workers
@@ -39,11 +41,11 @@ CANCEL_SECONDS = 30.0  # the most a failed run waits for its cancelled writes to
 
 
 def windows_in_flight(execution: Execution, window_bytes: int, store_bytes: float, io_cpus: int) -> int:
-    """How many windows may be between read and written at once: two batches per worker at the
-    model, plus one being read or written per CPU the driver's node has left for that (writing a
-    window takes far longer than computing it on a GPU: a 512 kb window's 128 bp tracks take ~40 ms
-    on an H100 and ~0.5 s to encode and compress), fewer if their predictions would fill more than
-    OBJECT_STORE_SHARE of the object store, but never under a batch computing and one waiting."""
+    """How many windows may be between read and written at once: BATCHES_PER_WORKER batches per
+    worker at the model, plus one being read or written per CPU the driver's node has left for that
+    (writing a window takes far longer than computing it on a GPU: a 512 kb window's 128 bp tracks
+    take ~40 ms on an H100 and ~0.5 s to encode and compress), fewer if their predictions would fill
+    more than OBJECT_STORE_SHARE of the object store, but never under the batches at the model."""
     at_model = BATCHES_PER_WORKER * execution.workers * execution.batch_size
     fits = int(store_bytes * OBJECT_STORE_SHARE) // max(1, window_bytes)
     return max(at_model, min(at_model + max(at_model, io_cpus), fits))
