@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agpipe.io.bed import read_regions
 from agpipe.io.fasta import contig_filter, open_genome
-from agpipe.io.parquet import COMPRESSIONS, TrackRow
+from agpipe.io.parquet import COMPRESSIONS, DEFAULT_COMPRESSION, TrackRow
 from agpipe.jobs.parity import DEFAULT_SAMPLE, parse_sample
 from agpipe.jobs.plan import DEFAULT_WINDOW, Window, check_window, default_crop, plan_windows
 from agpipe.jobs.writer import output_columns
@@ -51,7 +51,7 @@ class RunOptions:
     compile: bool | None = None  # default: on GPU only
     batch_size: int | None = None  # default: GPU_BATCH_BASES / window on GPU, 1 on CPU
     on_nonfinite: str = "flag"  # or "fail"
-    compression: str = "zstd"  # of the part files: agpipe.io.parquet.COMPRESSIONS
+    compression: str = DEFAULT_COMPRESSION  # of the part files: agpipe.io.parquet.COMPRESSIONS
     overwrite: bool = False
     parity_sample: float = DEFAULT_SAMPLE  # windows checked against the JAX reference: a count, a fraction (< 1), 0 for none
     parity_seed: int | None = None  # default: drawn at random (and recorded)

@@ -19,6 +19,7 @@ import numpy as np
 
 from agpipe.io.parquet import (
     CONTACT_MAPS,
+    DEFAULT_COMPRESSION,
     JUNCTIONS,
     Junctions,
     PartInfo,
@@ -89,7 +90,7 @@ def write_prediction(
     contig_length: int,
     columns: Mapping[Output, Sequence[str]],
     on_nonfinite: str,
-    compression: str = "zstd",
+    compression: str = DEFAULT_COMPRESSION,
 ) -> WrittenWindow:
     """Writes one window's part files; returns its windows.parquet row.
 
