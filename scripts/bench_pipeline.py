@@ -208,6 +208,7 @@ def run_metrics(out: Path, gpus: int, cpus: int) -> dict:
         "first_window_s": first,
         "workers_ready_s": timings.get("workers_ready_seconds"),  # includes Ray's start and planning
         "worker_start_s": timings.get("worker_start_seconds"),  # the slowest worker: read, load, compile
+        "sync_s": timings.get("sync_seconds"),  # flushing the parts to disk after the last window (in wall_s)
         "steady_s": steady,
         "windows_per_s": len(done) / steady,
         "bases_per_s": bases / steady,

@@ -450,3 +450,14 @@ def test_json_round_trip(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         write_json_atomic(tmp_path / "manifest.json", {"seconds": float("nan")})
     assert os.listdir(tmp_path) == ["manifest.json"]
+
+
+def test_parts_are_written_unsynced_and_the_run_tables_synced(tmp_path: Path, monkeypatch) -> None:
+    """Part files skip fsync (the run syncs them all at its end); windows.parquet does not."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(parquet.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    parts = write_all(tmp_path, [("chr1", 5000)], 2048, 256)
+    assert parts and not synced
+    write_windows_table(tmp_path, [WindowRecord(0, "chr1", -256, 1792, 0, 1536, "done", 0, 1.0, tuple(parts[:2]))])
+    assert synced

@@ -212,6 +212,15 @@ def test_a_worker_that_dies_is_replaced_and_the_run_completes(tmp_path, small_ge
     check_every_bin_once(out, small_genome, [Output("dnase", 128)])
 
 
+def test_a_complete_run_syncs_its_parts_before_it_says_so(tmp_path, small_genome, ray_address, monkeypatch):
+    out = tmp_path / "out"
+    status_at_sync = []
+    monkeypatch.setattr(run_module.os, "sync", lambda: status_at_sync.append(read_json(out / "manifest.json")["status"]))
+    summary = run(small_genome, out, ray_address, outputs="dnase:128")
+    assert summary.status == "complete" and status_at_sync == ["running"]
+    assert read_json(out / "manifest.json")["timings"]["sync_seconds"] is not None
+
+
 def test_a_run_whose_workers_all_die_fails_and_a_rerun_completes_it(tmp_path, small_genome, ray_address, monkeypatch):
     monkeypatch.setattr(run_module, "WORKER_RESTARTS", 0)
     # A worker holds BATCHES_PER_WORKER calls at once: by its 8th, its first windows are written.

@@ -356,7 +356,11 @@ def _write_part(out: Path, output: Output, window: WindowSpan, schema: pa.Schema
                 writer.write_table(table, row_group_size=rows_per_group)
                 rows += table.num_rows
 
-    size, sha256 = _write_atomically(out / relative, write)
+    # Not synced one by one: 14 syncs a window (file and folder, 7 parts) kept 60 writers of a 4-GPU
+    # host waiting on the disk (0.58 s a write against 0.24 s). Resume re-hashes every part it
+    # trusts, so a part that a crash of the machine lost costs a recomputed window, and a run syncs
+    # everything once before it records itself complete (agpipe.jobs.run).
+    size, sha256 = _write_atomically(out / relative, write, sync=False)
     return PartInfo(relative, rows, size, sha256)
 
 
@@ -463,8 +467,9 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 # ---------------------------------------------------------------- atomic files
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> tuple[int, str]:
-    """Runs write(temporary) in path's folder, syncs it, renames it to path; returns (bytes, sha256).
+def _write_atomically(path: Path, write: Callable[[Path], None], sync: bool = True) -> tuple[int, str]:
+    """Runs write(temporary) in path's folder, syncs it (unless told not to), renames it to path;
+    returns (bytes, sha256).
 
     On any failure the temporary is removed and path is untouched (an earlier file there survives);
     OS errors become a one-line OutputError naming path.
@@ -473,7 +478,7 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> tuple[int, s
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(temp)
-        size, sha256 = _hash_and_sync(temp, sync=True)
+        size, sha256 = _hash_and_sync(temp, sync)
         os.replace(temp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):
@@ -481,7 +486,8 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> tuple[int, s
         if isinstance(err, OSError) and not isinstance(err, OutputError):
             raise output_error(path, err) from err
         raise
-    _sync_directory(path.parent)
+    if sync:
+        _sync_directory(path.parent)
     return size, sha256
 
 

@@ -186,6 +186,10 @@ def run_job(
                 for worker in workers:  # frees their GPUs now, not when the driver exits
                     ray.kill(worker)
                 io.close()
+            if run.finished():  # the part files were written unsynced: on disk before the run says complete
+                synced = time.monotonic()
+                os.sync()
+                run.sync_seconds = time.monotonic() - synced
             try:
                 run.save("complete" if run.finished() else "failed")
             except OSError:
@@ -391,6 +395,7 @@ class Recorder:
         self.last_window_seconds: float | None = None  # ... to its latest: the steady rate lies between
         self.workers_ready_seconds: float | None = None  # from the command's start to loaded workers
         self.worker_start_seconds: dict[str, float] = {}  # the slowest worker's read, load and compile
+        self.sync_seconds: float | None = None  # flushing the part files to disk at the end
 
     def follow(self, stream: WindowStream, todo: int, progress: bool, log: Callable[[str], None]) -> None:
         """Records every window the stream finishes, saving as it goes; stops the stream on a
@@ -505,6 +510,7 @@ class Recorder:
                 "last_window_seconds": None if self.last_window_seconds is None else round(self.last_window_seconds, 3),
                 "workers_ready_seconds": None if self.workers_ready_seconds is None else round(self.workers_ready_seconds, 3),
                 "worker_start_seconds": self.worker_start_seconds,
+                "sync_seconds": None if self.sync_seconds is None else round(self.sync_seconds, 3),
                 "device": s.device,
             },
             "error": s.error,
