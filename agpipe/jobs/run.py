@@ -24,6 +24,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -56,13 +57,12 @@ from agpipe.jobs.writer import WrittenWindow
 from agpipe.model.checkpoint import find_orbax_root
 
 # While running, windows.parquet and the manifest are rewritten after this many seconds or finished
-# windows, whichever comes first: a killed run loses at most that much work. A save rewrites the
-# whole table (0.3 s for a whole genome's 8,000 windows on a slow CPU), so saves are also kept at
-# least SAVE_COST_FACTOR times their own duration apart: the driver, which feeds the workers between
-# windows, spends at most ~1/SAVE_COST_FACTOR of its time saving.
+# windows, whichever comes first (and the previous save is done): a killed run loses at most about
+# that much work. Saves run in a thread of their own (Recorder.save_in_background): each syncs two
+# files, which takes up to seconds while the disk takes a 4-GPU host's parts, and a driver blocked
+# that long would leave every worker without its next batch.
 SAVE_SECONDS = 5.0
 SAVE_WINDOWS = 25
-SAVE_COST_FACTOR = 10.0
 WORKER_RESTARTS = 3
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # see loopback_only
 ERRORS_SHOWN = 5
@@ -389,8 +389,9 @@ class Recorder:
         self.command_line = command_line if command_line is not None else shlex.join(sys.argv)
         self.summary = RunSummary(job.options.out, "running", status_counts(records))
         self.saved = time.monotonic()
-        self.save_seconds = 0.0  # what the last save took
         self.unsaved = 0  # windows finished since the last save
+        self.saver = ThreadPoolExecutor(1, thread_name_prefix="save")
+        self.saving: Future | None = None  # the save in flight in the saver thread
         self.first_window_seconds: float | None = None  # from the command's start to its first window
         self.last_window_seconds: float | None = None  # ... to its latest: the steady rate lies between
         self.workers_ready_seconds: float | None = None  # from the command's start to loaded workers
@@ -443,9 +444,8 @@ class Recorder:
                 bar.update(1)
                 bar.set_postfix_str(f"{s.bases / max(time.monotonic() - self.started, 1e-9):,.0f} bases/s", refresh=False)
                 self.unsaved += 1
-                since = time.monotonic() - self.saved
-                if (self.unsaved >= SAVE_WINDOWS or since > SAVE_SECONDS) and since > SAVE_COST_FACTOR * self.save_seconds:
-                    self.save("running")
+                if self.unsaved >= SAVE_WINDOWS or time.monotonic() - self.saved > SAVE_SECONDS:
+                    self.save_in_background()
         if stream.lost_workers:
             s.error = f"every model worker died ({stream.lost_workers}); rerun the command to compute the rest"
 
@@ -453,20 +453,33 @@ class Recorder:
         return all(r.status in ("done", "skipped_all_n") for r in self.records.values())
 
     def save(self, status: str) -> None:
-        """Rewrites windows.parquet and the manifest (both atomically)."""
-        started = time.monotonic()
+        """Rewrites windows.parquet and the manifest (both atomically), once the save in flight is done."""
+        if self.saving is not None:
+            saving, self.saving = self.saving, None
+            saving.result()  # raises what it raised (a full disk, say)
+        write_run_tables(*self._snapshot(status))
+
+    def save_in_background(self) -> None:
+        """Saves a running run in the saver thread while the driver goes on; nothing if the last
+        such save is still in flight (what it raised is raised here)."""
+        if self.saving is not None:
+            if not self.saving.done():
+                return
+            saving, self.saving = self.saving, None
+            saving.result()
+        self.saving = self.saver.submit(write_run_tables, *self._snapshot("running"))
+
+    def _snapshot(self, status: str) -> tuple[Path, list[WindowRecord], dict]:
+        """The summary brought up to date, and what a save writes, taken now."""
         s = self.summary
         s.status, s.counts = status, status_counts(self.records)
         s.wall_seconds = time.monotonic() - self.started
         s.nonfinite_total = sum(r.nonfinite_count for r in self.records.values())
         if status == "failed" and not s.error:
             s.error = f"{s.counts['failed']} windows failed: rerun the command to compute them again"
-        out = self.job.options.out
-        write_windows_table(out, self.records.values())
-        write_json_atomic(out / MANIFEST_FILE, self.manifest())
         self.saved = time.monotonic()
-        self.save_seconds = self.saved - started
         self.unsaved = 0
+        return self.job.options.out, list(self.records.values()), self.manifest()
 
     def manifest(self) -> dict:
         job, e, o, s = self.job, self.execution, self.job.options, self.summary
@@ -515,6 +528,11 @@ class Recorder:
             },
             "error": s.error,
         }
+
+
+def write_run_tables(out: Path, records: list[WindowRecord], manifest: dict) -> None:
+    write_windows_table(out, records)
+    write_json_atomic(out / MANIFEST_FILE, manifest)
 
 
 def pending_record(w: Window, status: str = "pending") -> WindowRecord:
