@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -219,6 +220,24 @@ def test_a_complete_run_syncs_its_parts_before_it_says_so(tmp_path, small_genome
     summary = run(small_genome, out, ray_address, outputs="dnase:128")
     assert summary.status == "complete" and status_at_sync == ["running"]
     assert read_json(out / "manifest.json")["timings"]["sync_seconds"] is not None
+
+
+def test_saves_during_a_run_leave_the_driver_free_and_the_last_is_its_own(tmp_path, small_genome, ray_address, monkeypatch):
+    """Mid-run saves of windows.parquet go to the saver thread (the driver goes on feeding the
+    workers); the final save is the driver's, after them."""
+    saved_by = []
+    real_write = run_module.write_windows_table
+
+    def write_windows_table(folder, rows):
+        saved_by.append(threading.current_thread().name)
+        return real_write(folder, rows)
+
+    monkeypatch.setattr(run_module, "SAVE_WINDOWS", 1)
+    monkeypatch.setattr(run_module, "write_windows_table", write_windows_table)
+    summary = run(small_genome, tmp_path / "out", ray_address, outputs="dnase:128")
+    assert summary.status == "complete"
+    assert saved_by[0] == saved_by[-1] == "MainThread"  # "running" before the workers start, and the last
+    assert len(saved_by) > 3 and all(name.startswith("save") for name in saved_by[1:-1])
 
 
 def test_a_run_whose_workers_all_die_fails_and_a_rerun_completes_it(tmp_path, small_genome, ray_address, monkeypatch):

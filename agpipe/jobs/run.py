@@ -57,12 +57,15 @@ from agpipe.jobs.writer import WrittenWindow
 from agpipe.model.checkpoint import find_orbax_root
 
 # While running, windows.parquet and the manifest are rewritten after this many seconds or finished
-# windows, whichever comes first (and the previous save is done): a killed run loses at most about
-# that much work. Saves run in a thread of their own (Recorder.save_in_background): each syncs two
-# files, which takes up to seconds while the disk takes a 4-GPU host's parts, and a driver blocked
-# that long would leave every worker without its next batch.
+# windows, whichever comes first: a killed run loses at most about that much work. Saves run in a
+# thread of their own (Recorder.save_in_background): each syncs two files, which takes up to seconds
+# while the disk takes a 4-GPU host's parts, and a driver blocked that long would leave every
+# worker without its next batch. A save rewrites the whole table (0.3 s for a genome's 8,000 windows
+# on a slow CPU, much of it holding Python's lock), so saves also start at least SAVE_COST_FACTOR
+# times the last one's duration apart: the driver gives at most ~1/SAVE_COST_FACTOR of its time to them.
 SAVE_SECONDS = 5.0
 SAVE_WINDOWS = 25
+SAVE_COST_FACTOR = 10.0
 WORKER_RESTARTS = 3
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # see loopback_only
 ERRORS_SHOWN = 5
@@ -170,7 +173,9 @@ def run_job(
                 todo = (w for w in job.windows() if w.window_id not in trusted)
                 stream = WindowStream(todo, workers, execution.batch_size, limit, io)
                 run.follow(stream, job.window_count - len(trusted), progress, log)
-                # Nothing is being written now; a writer killed mid-file (and replaced) left a temporary.
+                # Nothing is being written now (a save's temporary is not stale); a writer killed
+                # mid-file (and replaced) left a temporary.
+                run.finish_saving()
                 remove_stale_temporaries(options.out)
             except BaseException as error:
                 if stream is not None:
@@ -388,7 +393,8 @@ class Recorder:
         self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.command_line = command_line if command_line is not None else shlex.join(sys.argv)
         self.summary = RunSummary(job.options.out, "running", status_counts(records))
-        self.saved = time.monotonic()
+        self.saved = time.monotonic()  # when the last save started
+        self.save_seconds = 0.0  # what the last save in the background took
         self.unsaved = 0  # windows finished since the last save
         self.saver = ThreadPoolExecutor(1, thread_name_prefix="save")
         self.saving: Future | None = None  # the save in flight in the saver thread
@@ -444,7 +450,8 @@ class Recorder:
                 bar.update(1)
                 bar.set_postfix_str(f"{s.bases / max(time.monotonic() - self.started, 1e-9):,.0f} bases/s", refresh=False)
                 self.unsaved += 1
-                if self.unsaved >= SAVE_WINDOWS or time.monotonic() - self.saved > SAVE_SECONDS:
+                since = time.monotonic() - self.saved
+                if (self.unsaved >= SAVE_WINDOWS or since > SAVE_SECONDS) and since > SAVE_COST_FACTOR * self.save_seconds:
                     self.save_in_background()
         if stream.lost_workers:
             s.error = f"every model worker died ({stream.lost_workers}); rerun the command to compute the rest"
@@ -454,10 +461,14 @@ class Recorder:
 
     def save(self, status: str) -> None:
         """Rewrites windows.parquet and the manifest (both atomically), once the save in flight is done."""
+        self.finish_saving()
+        write_run_tables(*self._snapshot(status))
+
+    def finish_saving(self) -> None:
+        """Waits for the save in flight, if any, and raises what it raised (a full disk, say)."""
         if self.saving is not None:
             saving, self.saving = self.saving, None
-            saving.result()  # raises what it raised (a full disk, say)
-        write_run_tables(*self._snapshot(status))
+            saving.result()
 
     def save_in_background(self) -> None:
         """Saves a running run in the saver thread while the driver goes on; nothing if the last
@@ -466,7 +477,7 @@ class Recorder:
             if not self.saving.done():
                 return
             saving, self.saving = self.saving, None
-            saving.result()
+            self.save_seconds = saving.result()
         self.saving = self.saver.submit(write_run_tables, *self._snapshot("running"))
 
     def _snapshot(self, status: str) -> tuple[Path, list[WindowRecord], dict]:
@@ -530,9 +541,12 @@ class Recorder:
         }
 
 
-def write_run_tables(out: Path, records: list[WindowRecord], manifest: dict) -> None:
+def write_run_tables(out: Path, records: list[WindowRecord], manifest: dict) -> float:
+    """Rewrites windows.parquet and the manifest; returns the seconds it took."""
+    started = time.monotonic()
     write_windows_table(out, records)
     write_json_atomic(out / MANIFEST_FILE, manifest)
+    return time.monotonic() - started
 
 
 def pending_record(w: Window, status: str = "pending") -> WindowRecord:
