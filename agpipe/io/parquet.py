@@ -349,7 +349,7 @@ def _write_part(out: Path, output: Output, window: WindowSpan, schema: pa.Schema
             # Min/max only of the keys (what range queries prune by): those of thousands of value
             # columns cost ~7% of writing and serve no common query.
             write_statistics=[f.name for f in schema if not pa.types.is_floating(f.type)],
-            # Byte-stream-split lets zstd shrink floats markedly; DuckDB cannot read it for float16.
+            # Byte-stream-split lets lz4 and zstd shrink floats markedly; DuckDB cannot read it for float16.
             use_byte_stream_split=[f.name for f in schema if f.type == pa.float32()] or False,
         ) as writer:
             for table in tables:
