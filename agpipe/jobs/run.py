@@ -191,12 +191,13 @@ def run_job(
                 for worker in workers:  # frees their GPUs now, not when the driver exits
                     ray.kill(worker)
                 io.close()
-            if run.finished():  # the part files were written unsynced: on disk before the run says complete
+            finished = run.finished()
+            if finished:  # the part files were written unsynced: on disk before the run says complete
                 synced = time.monotonic()
                 os.sync()
                 run.sync_seconds = time.monotonic() - synced
             try:
-                run.save("complete" if run.finished() else "failed")
+                run.save("complete" if finished else "failed")
             except OSError:
                 if run.summary.error:  # what stopped the run, e.g. the part file that filled the disk
                     raise RunError(run.summary.error) from None

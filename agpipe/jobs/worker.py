@@ -147,7 +147,7 @@ class ModelWorker:
         started = DeviceClock(self.device)
         if self.pad_to and len(codes) < self.pad_to:
             codes = np.concatenate([codes, np.zeros((self.pad_to - len(codes), codes.shape[1]), np.uint8)])
-        x = self.code_one_hot[torch.from_numpy(codes).to(self.device, non_blocking=True).long()]
+        x = self.code_one_hot[torch.from_numpy(codes).to(self.device).long()]
         out = self.model(x, keep=self.keep)
         first = self.keep[0] if self.keep else 0
         return HostCopies.start([copy_kept_outputs(out, i, w, first) for i, w in enumerate(windows)], started, self.device)
