@@ -199,6 +199,7 @@ def run_metrics(out: Path, gpus: int, cpus: int) -> dict:
     # From the first window written (compile and start-up behind us) to the last (not the final
     # save, the trace, stopping the workers nor the interpreter's exit).
     steady = (timings.get("last_window_seconds") or timings["wall_seconds"]) - first
+    streaming = (timings.get("last_window_seconds") or timings["wall_seconds"]) - (timings.get("workers_ready_seconds") or 0.0)
     return {
         "gpus": gpus,
         "windows": len(windows),
@@ -219,6 +220,8 @@ def run_metrics(out: Path, gpus: int, cpus: int) -> dict:
         # the share of the CPUs left to reading and writing that writing kept busy after the first window
         "writer_cpu_busy_fraction": timings["write_seconds"] / steady / (cpus - gpus) if timings.get("write_seconds") else None,
         "model_only_windows_per_s": len(done) / timings["compute_seconds"] * gpus if timings.get("compute_seconds") else None,
+        # the driver's CPU-seconds per second while windows streamed (its feeding thread, its process)
+        **{f"driver_{k}_cpu_fraction": v / streaming for k, v in (timings.get("driver_cpu_seconds") or {}).items()},
     }
 
 
@@ -281,10 +284,12 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    genome, weights = work / "genome.fa", work / "weights.safetensors"
-    t = time.monotonic()
-    contigs = synthetic_genome(genome, args.genome_mb)
-    print(f"genome: {len(contigs)} contigs, {sum(c[1] for c in contigs) / 1e6:.0f} Mb ({time.monotonic() - t:.0f} s)", flush=True)
+    genome, weights = work / f"genome-{args.genome_mb}mb.fa", work / "weights.safetensors"
+    if not genome.exists():  # deterministic: a second bench in the same --work reuses it
+        t = time.monotonic()
+        contigs = synthetic_genome(genome.with_suffix(".partial"), args.genome_mb)
+        genome.with_suffix(".partial").rename(genome)
+        print(f"genome: {len(contigs)} contigs, {sum(c[1] for c in contigs) / 1e6:.0f} Mb ({time.monotonic() - t:.0f} s)", flush=True)
     if not weights.exists():
         t = time.monotonic()
         official_weights(weights)
@@ -310,7 +315,8 @@ def main() -> None:
             f"{gpus} GPU: {row['windows_done']} windows in {row['wall_s']:.0f} s (first window at {row['first_window_s']:.0f} s); "
             f"steady {row['windows_per_s']:.2f} windows/s, {row['bases_per_s'] / 1e6:.1f} Mb/s, GPU busy "
             f"{row['gpu_busy_fraction'] if row['gpu_busy_fraction'] is None else round(row['gpu_busy_fraction'], 2)}, "
-            f"{row['bytes_written_per_s'] / 1e6:.0f} MB/s written; model-only {row['model_only_windows_per_s']:.2f} windows/s",
+            f"{row['bytes_written_per_s'] / 1e6:.0f} MB/s written; model-only {row['model_only_windows_per_s']:.2f} windows/s; "
+            f"driver CPU {fmt(row.get('driver_loop_cpu_fraction'))} (loop), {fmt(row.get('driver_process_cpu_fraction'))} (process)",
             flush=True,
         )
         print(json.dumps(row["timeline"], indent=1), flush=True)

@@ -87,6 +87,7 @@ def test_run_writes_every_bin_once_and_what_the_model_predicts(tmp_path, small_g
     assert manifest["config"]["precision"] == "float32" and manifest["config"]["device"] == "cpu"
     t = manifest["timings"]
     assert t["write_seconds"] > 0 and 0 < sum(t["worker_start_seconds"].values()) < t["workers_ready_seconds"] <= t["first_window_seconds"] <= t["last_window_seconds"] <= t["wall_seconds"]
+    assert 0 < t["driver_cpu_seconds"]["loop"] <= t["driver_cpu_seconds"]["process"]
     assert manifest["weights"]["sha256"] == load_weights(demo_weights()).sha256 and manifest["nonfinite_total"] == 0
     tracks = pq.read_table(out / "tracks.parquet").to_pylist()
     for output in outputs:

@@ -18,7 +18,7 @@ from agpipe.jobs.windows import CODE_ONE_HOT, EncodedWindow, SkippedWindow, Wind
 from agpipe.jobs.worker import ModelWorker, kept_outputs
 from agpipe.jobs.writer import output_columns, write_prediction
 from agpipe.model.checkpoint import load_weights
-from agpipe.model.config import ALL_OUTPUTS
+from agpipe.model.config import ALL_OUTPUTS, DEFAULT_OUTPUTS
 from agpipe.model.precision import FLOAT32
 from agpipe.model.weights import demo_weights, load_model
 
@@ -184,3 +184,27 @@ def test_a_failing_batch_fails_its_call_and_not_the_worker(genome):
     with pytest.raises(RuntimeError):
         worker.predict(EncodedWindow(w, encoded.codes[:1000], 0.0))
     assert worker.predict(encoded).window == w
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
+def test_a_gpu_worker_enqueues_its_batches_without_waiting_for_the_device(genome):
+    """As the pipeline runs it (bf16, compiled with CUDA graphs): from a batch's codes to its copies
+    to the host nothing waits for the device (torch's sync debug mode raises on any such wait), so
+    the model thread enqueues batch k+1 while the device runs batch k; and the batches queued so
+    predict what one batch at a time does."""
+    windows = [w for w in plan_windows(genome.contigs, WINDOW, CROP) if w.chrom == "chr2"][:4]
+    encoded = [e for e in (encode_window(genome, w) for w in windows) if isinstance(e, EncodedWindow)][:2]
+    weights = demo_weights()
+    worker = ModelWorker(str(weights), load_weights(weights).sha256, "human", DEFAULT_OUTPUTS, "bfloat16", "cuda", True, 1, WINDOW, crop=CROP)
+    one_at_a_time = [worker.predict(e) for e in encoded]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        copies = [worker._launch(e.codes[None], [e.window]) for e in encoded for _ in range(2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    queued = [c.wait()[0][0] for c in copies]
+    for expected, got in zip([p for p in one_at_a_time for _ in range(2)], queued):
+        assert got.window == expected.window and got.nonfinite_count == 0
+        for output, values in expected.tracks.items():
+            np.testing.assert_array_equal(got.tracks[output], values)

@@ -404,6 +404,9 @@ class Recorder:
         self.workers_ready_seconds: float | None = None  # from the command's start to loaded workers
         self.worker_start_seconds: dict[str, float] = {}  # the slowest worker's read, load and compile
         self.sync_seconds: float | None = None  # flushing the part files to disk at the end
+        # CPU-seconds of the driver while the windows streamed: its process (Ray's threads in it
+        # included) and the thread feeding the workers; near the wall time, the driver limits the run.
+        self.driver_cpu_seconds: dict[str, float] = {}
 
     def follow(self, stream: WindowStream, todo: int, progress: bool, log: Callable[[str], None]) -> None:
         """Records every window the stream finishes, saving as it goes; stops the stream on a
@@ -411,6 +414,7 @@ class Recorder:
         s = self.summary
         errors = 0
         stopped_by_output = False
+        process_cpu, loop_cpu = time.process_time(), time.thread_time()
         with tqdm(total=todo, unit="window", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
             for window, outcome in stream:
                 self.last_window_seconds = time.monotonic() - self.started
@@ -454,6 +458,7 @@ class Recorder:
                 since = time.monotonic() - self.saved
                 if (self.unsaved >= SAVE_WINDOWS or since > SAVE_SECONDS) and since > SAVE_COST_FACTOR * self.save_seconds:
                     self.save_in_background()
+        self.driver_cpu_seconds = {"process": round(time.process_time() - process_cpu, 3), "loop": round(time.thread_time() - loop_cpu, 3)}
         if stream.lost_workers:
             s.error = f"every model worker died ({stream.lost_workers}); rerun the command to compute the rest"
 
@@ -536,6 +541,7 @@ class Recorder:
                 "workers_ready_seconds": None if self.workers_ready_seconds is None else round(self.workers_ready_seconds, 3),
                 "worker_start_seconds": self.worker_start_seconds,
                 "sync_seconds": None if self.sync_seconds is None else round(self.sync_seconds, 3),
+                "driver_cpu_seconds": self.driver_cpu_seconds,
                 "device": s.device,
             },
             "error": s.error,

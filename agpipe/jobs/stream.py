@@ -25,8 +25,9 @@ from agpipe.jobs.windows import GenomeReader
 from agpipe.jobs.writer import PredictionWriter, WrittenWindow
 
 # Submitted to a worker at once (it takes them all at once, see agpipe.jobs.worker): one being stored
-# by Ray, one computing, one queued behind it, so the device never waits for the driver or a read.
-BATCHES_PER_WORKER = 3
+# by Ray, one computing, one enqueued on the device behind it, and one arriving, so the device
+# never waits for the driver or a read. With three, four GPUs' workers had no batch 7% of the time.
+BATCHES_PER_WORKER = 4
 OBJECT_STORE_SHARE = 0.25  # of the driver node's object store, for predictions waiting to be written
 TRACEBACK_LAST_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception): (.+)$")
 # A worker that can take no more batches: its restarts are used up, or its node is gone (workers
@@ -98,8 +99,9 @@ class IoPool:
 
 
 def readers_for(workers: int) -> int:
-    """Reading processes for `workers` model workers: a window takes ~8 ms to read and ~40 ms on an
-    H100, so one reader keeps about four GPUs fed."""
+    """Reading processes for `workers` model workers: a read task takes a few ms (5-7 ms on the GPU
+    machines when reads still went through a one-hot matrix) and a window ~36 ms on an H100, so one
+    reader keeps about four GPUs fed."""
     return max(1, -(-workers // 4))
 
 

@@ -147,7 +147,7 @@ class ModelWorker:
         started = DeviceClock(self.device)
         if self.pad_to and len(codes) < self.pad_to:
             codes = np.concatenate([codes, np.zeros((self.pad_to - len(codes), codes.shape[1]), np.uint8)])
-        x = self.code_one_hot[torch.from_numpy(codes).to(self.device).long()]
+        x = self.code_one_hot[device_copy(codes, self.device).long()]
         out = self.model(x, keep=self.keep)
         first = self.keep[0] if self.keep else 0
         return HostCopies.start([copy_kept_outputs(out, i, w, first) for i, w in enumerate(windows)], started, self.device)
@@ -202,6 +202,17 @@ class HostCopies:
         self.copied.wait()
         counts = self.nonfinite.tolist()
         return [dataclasses.replace(p, nonfinite_count=int(n)) for p, n in zip(self.predictions, counts)], self.copied.seconds_since(self.started)
+
+
+def device_copy(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host values on the device, the copy enqueued without waiting for the device: staged in
+    pinned memory. A copy from pageable memory makes torch wait until the device has finished all
+    the work before it, so the model thread could not enqueue the next batch while the device runs
+    this one, and every GIL pause of the worker's other threads became device idle time."""
+    tensor = torch.from_numpy(values)
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def host_copy(values: torch.Tensor) -> torch.Tensor:
