@@ -1,5 +1,6 @@
 """Micro-benchmarks behind the fast path's design choices (one GPU): convolution layouts and the
-fused attention kernel against the reference attention. Prints one line per variant."""
+fused attention kernels (FlexAttention, the hand-written Triton one) against the reference attention.
+Prints one line per variant; --triton-configs sweeps the Triton kernel's tiles instead."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from agpipe.model.kernels import flex_mha  # noqa: E402
+from agpipe.model import kernels  # noqa: E402
+from agpipe.model.kernels import flex_mha, triton_mha  # noqa: E402
 from bench_model import timed  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 
@@ -43,6 +45,70 @@ def median_ms(fn, warmup=3, runs=10) -> float:
     return statistics.median(timed(fn, warmup, runs)[1])
 
 
+def back_to_back_ms(fn, calls=10) -> float:
+    """Median milliseconds per call over back-to-back calls: a sub-millisecond kernel timed alone also
+    counts its Python launch (the model replays CUDA graphs, which have none)."""
+    return median_ms(lambda: [fn() for _ in range(calls)]) / calls
+
+
+def attention_inputs(s: int):
+    q = torch.randn(1, 8, s, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 1, s, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 1, s, 192, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(1, 8, s // 16, s // 16, device="cuda")
+    return q, k, v, bias
+
+
+def attention_reference(q, k, v, bias):
+    """MHABlock.attend's math in float32 (probabilities rounded to bf16)."""
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) / 128**0.5
+    logits = logits + bias.repeat_interleave(16, -1).repeat_interleave(16, -2)
+    w = torch.softmax(torch.tanh(logits / 5) * 5, -1).bfloat16()
+    return torch.matmul(w.float(), v.float()).bfloat16()
+
+
+def attention_flop(q, v) -> int:
+    b, h, s, d = q.shape
+    return 2 * b * h * s * s * (d + v.shape[-1])
+
+
+def differences(out, ref) -> str:
+    diff = out.float() - ref.float()
+    return f"max abs {diff.abs().max():.1e}  rel L2 {diff.norm() / ref.float().norm():.1e}"
+
+
+# Tiles for --triton-configs; shared memory per program ~ Q tile + num_stages * (K + V tiles).
+TRITON_SWEEP = [
+    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": st}
+    for bm in (64, 128) for bn in (64, 128) for nw in (4, 8) for st in (1, 2, 3)
+]
+
+
+def triton_configs() -> None:
+    """Each config of TRITON_SWEEP (exact soft-cap), then the fastest with FAST_TANH, at 4,096 and 8,192 tokens."""
+    default = dict(kernels.TRITON_MHA_CONFIG)
+    for s in (4096, 8192):
+        q, k, v, bias = attention_inputs(s)
+        ref = attention_reference(q, k, v, bias)
+        results = []
+        for cfg in TRITON_SWEEP + [None]:
+            if cfg is None:  # the fastest tiles again, with tanh.approx
+                cfg = dict(min(results, key=lambda r: r[0])[1], FAST_TANH=True)
+            kernels.TRITON_MHA_CONFIG = dict(default, **cfg)
+            try:
+                out = triton_mha(q, k, v, bias, 5.0)
+                t = back_to_back_ms(lambda: triton_mha(q, k, v, bias, 5.0))
+            except Exception as e:  # a tile that does not fit shared memory or registers
+                print(f"  triton {s} {cfg}: failed ({str(e).splitlines()[0][:80]})", flush=True)
+                continue
+            if not cfg.get("FAST_TANH"):
+                results.append((t, cfg))
+            print(f"  triton {s} {cfg}: {t:.3f} ms ({attention_flop(q, v) / t / 1e9:.0f} TFLOP/s)  {differences(out, ref)}", flush=True)
+        t, cfg = min(results, key=lambda r: r[0])
+        print(f"triton {s} tokens: fastest {cfg} {t:.3f} ms", flush=True)
+    kernels.TRITON_MHA_CONFIG = default
+
+
 def conv_layouts() -> None:
     torch.backends.cudnn.benchmark = True
     for c_in, c_out, length in ((768, 768, 524288), (896, 768, 524288), (1024, 896, 262144), (1536, 1536, 8192)):
@@ -72,10 +138,7 @@ def conv_layouts() -> None:
 
 def attention() -> None:
     for s in (4096, 8192):
-        q = torch.randn(1, 8, s, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, 1, s, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(1, 1, s, 192, device="cuda", dtype=torch.bfloat16)
-        bias = torch.randn(1, 8, s // 16, s // 16, device="cuda")
+        q, k, v, bias = attention_inputs(s)
         flex = median_ms(lambda: flex_mha(q, k, v, bias, 5.0))
         folded = median_ms(lambda: flex_mha_folded(q, k, v, bias, 5.0))
         folded_err = (flex_mha_folded(q, k, v, bias, 5.0).float() - flex_mha(q, k, v, bias, 5.0).float()).norm() / flex_mha(q, k, v, bias, 5.0).float().norm()
@@ -87,19 +150,21 @@ def attention() -> None:
                 print(f"  folded BLOCK_M={bm} BLOCK_N={bn} stages={st} warps={nw}: failed ({str(e).splitlines()[0][:80]})", flush=True)
         print(f"attention {s} tokens: folded {folded:.2f} ms (vs flex rel {folded_err:.1e})", flush=True)
 
-        def reference():
-            logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) / 128**0.5
-            logits = logits + bias.repeat_interleave(16, -1).repeat_interleave(16, -2)
-            w = torch.softmax(torch.tanh(logits / 5) * 5, -1).bfloat16()
-            return torch.matmul(w.float(), v.float()).bfloat16()
-
-        ref = median_ms(reference)
-        err = (flex_mha(q, k, v, bias, 5.0).float() - reference().float()).norm() / reference().float().norm()
+        ref = median_ms(lambda: attention_reference(q, k, v, bias))
+        expected = attention_reference(q, k, v, bias)
+        err = (flex_mha(q, k, v, bias, 5.0).float() - expected.float()).norm() / expected.float().norm()
         print(f"attention {s} tokens: flex {flex:.2f} ms  reference {ref:.2f} ms  rel L2 {err:.1e}", flush=True)
+        flop = attention_flop(q, v)
+        for name, fn in (("flex", flex_mha), ("triton", triton_mha)):
+            t = back_to_back_ms(lambda: fn(q, k, v, bias, 5.0))
+            print(f"attention {s} tokens: {name} {t:.3f} ms back to back ({flop / t / 1e9:.0f} TFLOP/s)  vs reference: {differences(fn(q, k, v, bias, 5.0), expected)}", flush=True)
 
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__)
-    if "--attention-only" not in sys.argv:
-        conv_layouts()
-    attention()
+    if "--triton-configs" in sys.argv:
+        triton_configs()
+    else:
+        if "--attention-only" not in sys.argv:
+            conv_layouts()
+        attention()

@@ -1,6 +1,7 @@
 """The bf16 fast path (FlexAttention, torch.compile) against the JAX reference under the official bf16
 policy, on one GPU at a production window size: the statistical criteria of the numerics tests on
-the 1 bp, 128 bp and pair embeddings, against each reference named in --references, the verdict
+the 1 bp, 128 bp and pair embeddings, of each of our models named in --ours (compiled, eager)
+against each reference named in --references (and against each other), the verdict the first
 against the first:
 
     op-by-op    evaluated one op at a time (no compiler decides where anything rounds); at 524,288 bp
@@ -13,7 +14,7 @@ On the CPU at full size (4,096 bp) our compiled model against the op-by-op refer
 0.99992 and |z| <= 2.3, against jit_exact a pair bias of z -8.4 that the two references also show
 between themselves. Each reference's result is printed (and the JSON rewritten) as it comes.
 
-    python scripts/check_gpu_parity.py --length 524288 --out benchmarks/results/parity-gpu.json
+    python scripts/check_gpu_parity.py --length 524288 --ours compiled,eager --out benchmarks/results/parity-gpu.json
 """
 
 from __future__ import annotations
@@ -78,10 +79,14 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=524288)
     ap.add_argument("--out", default=None)
     ap.add_argument("--references", default="jit_exact,jit", help="comma-separated, from op-by-op, jit_exact, jit; the verdict is against the first")
+    ap.add_argument("--ours", default="compiled", help="comma-separated, from compiled (the fast path), eager (the same bf16 model run op by op, "
+                    "which tells Inductor's share of a difference from XLA's); the verdict is the first's")
     args = ap.parse_args()
-    references = args.references.split(",")
+    references, candidates = args.references.split(","), args.ours.split(",")
     if unknown := set(references) - set(EVALUATIONS):
         raise SystemExit(f"unknown --references {', '.join(sorted(unknown))}: use {', '.join(EVALUATIONS)}")
+    if unknown := set(candidates) - {"compiled", "eager"}:
+        raise SystemExit(f"unknown --ours {', '.join(sorted(unknown))}: use compiled, eager")
     import jax
 
     params, state = random_official_tree(OFFICIAL, seed=0)
@@ -94,31 +99,43 @@ def main() -> None:
     heads = {o.head for o in ALL_OUTPUTS}
     model.prepare_(0, ALL_OUTPUTS, {h: metadata.head_tracks(0, h) for h in heads}, BFLOAT16, flex_attention=True)
     model = model.cuda().eval()
-    embed = torch.compile(model.embed, dynamic=False, options=compile_options())
-    with torch.inference_mode():
-        emb = embed(torch.from_numpy(x).cuda())
-        ours = {"1bp": emb.e1.float().cpu().numpy(), "128bp": emb.e128.float().cpu().numpy(), "pair": emb.pair.float().cpu().numpy()}
-    del model, embed, emb
+    embeds = {"compiled": lambda: torch.compile(model.embed, dynamic=False, options=compile_options()), "eager": lambda: model.embed}
+    ours = {}
+    for name in candidates:
+        with torch.inference_mode():
+            emb = embeds[name]()(torch.from_numpy(x).cuda())
+            ours[name] = {"1bp": emb.e1.float().cpu().numpy(), "128bp": emb.e128.float().cpu().numpy(), "pair": emb.pair.float().cpu().numpy()}
+        del emb
+        torch.cuda.empty_cache()
+    del model
     torch.cuda.empty_cache()
 
     means = {h: np.stack([metadata.head_tracks(o, h).nonzero_mean for o in (0, 1)]) for h, s in HEADS.items() if s.kind == "tracks"}
     tissues = np.array([metadata.real_track_count(o, "splice_sites_junction") for o in (0, 1)])
     forward = lambda p, s, seq: jax_reference.forward(p, s, seq, np.zeros(1, np.int32), track_means=means, junction_tissues=tissues, precision="bfloat16")[1]  # noqa: E731
-    report = {"length": args.length, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "jax": jax.__version__, "verdict_against": references[0]}
+    report = {"length": args.length, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "jax": jax.__version__,
+              "verdict": f"{candidates[0]} vs {references[0]}"}
     limits = {"1bp": 0.9999, "128bp": 0.9999, "pair": 0.999}
+
+    def compare(label: str, a: dict, b: dict) -> None:
+        report[label] = {k: criteria(a[k], b[k], 128 if k == "1bp" else 1) for k in a}
+        print(json.dumps({label: report[label]}, indent=1), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+
+    if len(candidates) > 1:
+        compare(" vs ".join(candidates[:2]), ours[candidates[0]], ours[candidates[1]])
     for name in references:
         ref = {k: np.asarray(v.astype("float32")) for k, v in EVALUATIONS[name](forward)(params, state, x).items()}
         theirs = {"1bp": ref["embeddings_1bp"], "128bp": ref["embeddings_128bp"], "pair": ref["embeddings_pair"]}
-        report[name] = {k: criteria(ours[k], theirs[k], 128 if k == "1bp" else 1) for k in ours}
-        del ref, theirs
-        if name == references[0]:
-            report["pass"] = all(
-                report[name][k]["pearson"] >= limits[k] and report[name][k]["within_5e-2"] >= 0.95 and abs(report[name][k]["bias_z"]) <= 3 for k in limits
-            )
-        print(json.dumps({name: report[name]}, indent=1), flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"verdict against {references[0]}: {'pass' if report['pass'] else 'FAIL'}")
+        del ref
+        for candidate in candidates:
+            compare(f"{candidate} vs {name}", ours[candidate], theirs)
+    verdict = report[report["verdict"]]
+    report["pass"] = all(verdict[k]["pearson"] >= limits[k] and verdict[k]["within_5e-2"] >= 0.95 and abs(verdict[k]["bias_z"]) <= 3 for k in limits)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"verdict, {report['verdict']}: {'pass' if report['pass'] else 'FAIL'}")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,6 @@ def test_matches_reference(b, s):
     out = triton_mha(q, k, v, bias, SOFT_CAP)
     assert out.shape == (b, 8, s, 192) and out.dtype == torch.bfloat16
     max_abs, rel = errors(out, reference(q, k, v, bias))
-    print(max_abs, rel)
     assert max_abs <= 2e-2 and rel <= 5e-3, (max_abs, rel)
 
 
@@ -102,7 +101,6 @@ def test_soft_cap_saturated():
     out = triton_mha(q, k, v, bias, SOFT_CAP)
     assert torch.isfinite(out.float()).all()
     max_abs, rel = errors(out, ref)
-    print(max_abs, rel)
     assert max_abs <= 2e-2 and rel <= 5e-3, (max_abs, rel)
 
 
@@ -119,19 +117,18 @@ def test_rejects_unsupported_shapes():
 def test_full_length_on_gpu(s):
     q, k, v, bias = inputs(1, s, seed=s)
     max_abs, rel = errors(triton_mha(q, k, v, bias, SOFT_CAP), reference(q, k, v, bias))
-    print(max_abs, rel)
     assert max_abs <= 2e-2 and rel <= 5e-3, (max_abs, rel)
 
 
-@pytest.mark.skipif(INTERPRET, reason="needs CUDA")
 def test_torch_compile_full_graph():
-    """The model runs under torch.compile with CUDA graphs: the kernel must trace without a graph break."""
-    q, k, v, bias = inputs(1, 512, seed=3)
+    """The model runs under torch.compile with CUDA graphs: the op must trace without a graph break
+    (its fake kernel giving the real output's strides). On the CPU, aot_eager checks the tracing."""
+    q, k, v, bias = inputs(1, 128 if INTERPRET else 512, seed=3)
 
     def block(q, k, v, bias):
-        return triton_mha(q, k, v, bias, SOFT_CAP).transpose(1, 2).reshape(1, 512, -1) * 2
+        return triton_mha(q, k, v, bias, SOFT_CAP).transpose(1, 2).reshape(1, q.shape[2], -1) * 2
 
-    compiled = torch.compile(block, fullgraph=True, mode="reduce-overhead")
-    for _ in range(3):  # the graph is recorded on a later call
+    compiled = torch.compile(block, fullgraph=True, **({"backend": "aot_eager"} if INTERPRET else {"mode": "reduce-overhead"}))
+    for _ in range(3):  # CUDA graphs record on a later call
         out = compiled(q, k, v, bias)
     assert torch.equal(out, block(q, k, v, bias))
