@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agpipe.model.alphagenome import AlphaGenome  # noqa: E402
 from agpipe.model.checkpoint import official_to_ours, random_official_tree  # noqa: E402
 from agpipe.model.config import ALL_OUTPUTS, HEADS, OFFICIAL  # noqa: E402
+from agpipe.model.kernels import ATTENTION_KERNELS, fast_attention  # noqa: E402
 from agpipe.model.metadata import synthetic_metadata  # noqa: E402
 from agpipe.model.precision import BFLOAT16, FLOAT32, compile_options, configure_backends  # noqa: E402
 
@@ -81,21 +82,21 @@ def count_flops(length: int, outputs, tensors, metadata) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = build(tensors, metadata, outputs, FLOAT32, flex=False, device="meta")
+        model = build(tensors, metadata, outputs, FLOAT32, "reference", device="meta")
         x = torch.zeros(1, length, 4)
         with FlopCounterMode(display=False) as counter:
             model(x)
     return counter.get_total_flops()
 
 
-def build(tensors, metadata, outputs, precision, flex: bool, device) -> AlphaGenome:
+def build(tensors, metadata, outputs, precision, attention: str, device) -> AlphaGenome:
     heads = {o.head for o in outputs} | {"splice_sites_classification"}
     model = AlphaGenome(OFFICIAL)
     if device == "meta":
         model = model.to_empty(device="meta")
     else:
         model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
-    model.prepare_(0, outputs, {h: metadata.head_tracks(0, h) for h in heads}, precision, flex)
+    model.prepare_(0, outputs, {h: metadata.head_tracks(0, h) for h in heads}, precision, attention)
     return model.to(device).eval()
 
 
@@ -110,7 +111,7 @@ def kernel_summary(fn) -> str:
     families: dict[str, float] = {}
     for e in events:
         n = e.key
-        family = ("convolution" if "fprop" in n or "conv" in n else "attention (flex)" if n.startswith("triton_tem") else
+        family = ("convolution" if "fprop" in n or "conv" in n else "attention" if n.startswith("triton_tem") or "mha_fwd" in n else
                   "gemm" if any(t in n for t in ("gemm", "nvjet", "cutlass", "xmma")) else "fused elementwise (triton)" if n.startswith("triton") else "other")
         families[family] = families.get(family, 0.0) + e.device_time_total / 1e3
     lines = [f"    {k:28s} {v:8.2f} ms" for k, v in sorted(families.items(), key=lambda kv: -kv[1])]
@@ -118,9 +119,9 @@ def kernel_summary(fn) -> str:
     return "\n".join(lines)
 
 
-def bench_torch(name, length, outputs, tensors, metadata, precision, flex, compile_mode, warmup, runs, profile=False):
+def bench_torch(name, length, outputs, tensors, metadata, precision, attention, compile_mode, warmup, runs, profile=False):
     configure_backends(precision)
-    model = build(tensors, metadata, outputs, precision, flex, "cuda")
+    model = build(tensors, metadata, outputs, precision, attention, "cuda")
     fn = torch.compile(model, dynamic=False, options=compile_options(compile_mode)) if compile_mode else model
     x = torch.nn.functional.one_hot(torch.randint(0, 4, (1, length), device="cuda"), 4).float()
     torch.cuda.reset_peak_memory_stats()
@@ -177,6 +178,8 @@ def main() -> None:
     ap.add_argument("--cases", default="524288:all,524288:128,1048576:all")
     ap.add_argument("--impls", default="eager-f32,fast,jax")
     ap.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode(s) for the fast path, comma-separated")
+    ap.add_argument("--attention", default=fast_attention("cuda"), help="the bf16 paths' attention kernel(s), comma-separated, from "
+                    f"{', '.join(k for k in ATTENTION_KERNELS if k != 'reference')} (default: the fast path's)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="print the fast path's top CUDA kernels")
@@ -199,12 +202,13 @@ def main() -> None:
         print(f"\n{length} bp, {outputs_name} outputs: {flops / 1e12:.2f} TFLOP", flush=True)
         results = []
         if "eager-f32" in impls:
-            results.append(bench_torch("eager-f32", length, outputs, tensors, metadata, FLOAT32, False, None, 1, 3))
-        if "eager-bf16" in impls:
-            results.append(bench_torch("eager-bf16-flex", length, outputs, tensors, metadata, BFLOAT16, True, None, args.warmup, args.runs))
-        if "fast" in impls:
-            for mode in args.compile_mode.split(","):
-                results.append(bench_torch(f"fast-bf16-flex-{mode}", length, outputs, tensors, metadata, BFLOAT16, True, mode, args.warmup, args.runs, args.profile))
+            results.append(bench_torch("eager-f32", length, outputs, tensors, metadata, FLOAT32, "reference", None, 1, 3))
+        for attention in args.attention.split(","):
+            if "eager-bf16" in impls:
+                results.append(bench_torch(f"eager-bf16-{attention}", length, outputs, tensors, metadata, BFLOAT16, attention, None, args.warmup, args.runs))
+            if "fast" in impls:
+                for mode in args.compile_mode.split(","):
+                    results.append(bench_torch(f"fast-bf16-{attention}-{mode}", length, outputs, tensors, metadata, BFLOAT16, attention, mode, args.warmup, args.runs, args.profile))
         if "jax" in impls:
             results.append(bench_jax(length, outputs_name, params, state, metadata, args.warmup, args.runs))
         gc.collect()  # the models of this case are gone: hand their memory back before the next case

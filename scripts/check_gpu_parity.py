@@ -38,6 +38,7 @@ from agpipe.model.alphagenome import AlphaGenome  # noqa: E402
 from agpipe.model.checkpoint import official_to_ours, random_official_tree  # noqa: E402
 from agpipe.model.config import ALL_OUTPUTS, HEADS, OFFICIAL  # noqa: E402
 from agpipe.model.metadata import synthetic_metadata  # noqa: E402
+from agpipe.model.kernels import fast_attention  # noqa: E402
 from agpipe.model.precision import BFLOAT16, compile_options, configure_backends  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def main() -> None:
     model = AlphaGenome(OFFICIAL)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in official_to_ours(params, state, OFFICIAL).items()})
     heads = {o.head for o in ALL_OUTPUTS}
-    model.prepare_(0, ALL_OUTPUTS, {h: metadata.head_tracks(0, h) for h in heads}, BFLOAT16, flex_attention=True)
+    model.prepare_(0, ALL_OUTPUTS, {h: metadata.head_tracks(0, h) for h in heads}, BFLOAT16, attention=fast_attention("cuda"))
     model = model.cuda().eval()
     embeds = {"compiled": lambda: torch.compile(model.embed, dynamic=False, options=compile_options()), "eager": lambda: model.embed}
     ours = {}

@@ -24,11 +24,11 @@ def random_model(cfg: ModelConfig, seed: int = 0):
     return params, state, official_to_ours(params, state, cfg), synthetic_metadata(cfg)
 
 
-def torch_model(cfg: ModelConfig, tensors, metadata: TrackMetadata, organism: int, outputs, precision: Precision, flex=False):
+def torch_model(cfg: ModelConfig, tensors, metadata: TrackMetadata, organism: int, outputs, precision: Precision, attention: str = "reference"):
     model = AlphaGenome(cfg)
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()})
     heads = {o.head for o in outputs} | {"splice_sites_classification"}
-    return model.prepare_(organism, outputs, {h: metadata.head_tracks(organism, h) for h in heads}, precision, flex)
+    return model.prepare_(organism, outputs, {h: metadata.head_tracks(organism, h) for h in heads}, precision, attention)
 
 
 def reference_inputs(cfg: ModelConfig, metadata: TrackMetadata) -> dict:

@@ -20,7 +20,7 @@ if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from agpipe.model.kernels import triton_mha  # noqa: E402
+from agpipe.model.kernels import ATTENTION_KERNELS, flex_mha, triton_mha  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 SOFT_CAP = 5.0
@@ -110,6 +110,16 @@ def test_rejects_unsupported_shapes():
         triton_mha(q[:, :, :48], k[:, :, :48], v[:, :, :48], bias[:, :, :3, :3], SOFT_CAP)  # S = 48: no multiple of its 32-row tile
     with pytest.raises(ValueError, match="triton_mha"):
         triton_mha(q, k.expand(1, 2, 64, 128), v, bias, SOFT_CAP)  # two K/V heads
+
+
+def test_the_fast_path_takes_the_kernel_where_it_applies_and_flex_elsewhere():
+    """The official model's shapes run the Triton kernel; the demo model's value dim (24: no sum of
+    two powers of two >= 16) runs FlexAttention instead of failing."""
+    fast = ATTENTION_KERNELS["triton"]
+    q, k, v, bias = inputs(1, 64, seed=3)
+    assert torch.equal(fast(q, k, v, bias, SOFT_CAP), triton_mha(q, k, v, bias, SOFT_CAP))
+    q, k, v, bias = inputs(1, 64, seed=4, h=2, d=16, dv=24)
+    assert torch.equal(fast(q, k, v, bias, SOFT_CAP), flex_mha(q, k, v, bias, SOFT_CAP))
 
 
 @pytest.mark.skipif(INTERPRET, reason="needs CUDA")

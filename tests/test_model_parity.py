@@ -35,10 +35,10 @@ def outputs_for(metadata, organism):
     return tuple(o for o in ALL_OUTPUTS if metadata.real_track_count(organism, o.head) > 0)
 
 
-def compare_float32(cfg, x: np.ndarray, organism: int, seed: int = 0, flex: bool = False) -> dict[str, float]:
+def compare_float32(cfg, x: np.ndarray, organism: int, seed: int = 0, attention: str = "reference") -> dict[str, float]:
     params, state, tensors, metadata = random_model(cfg, seed)
     outputs = outputs_for(metadata, organism)
-    model = torch_model(cfg, tensors, metadata, organism, outputs, FLOAT32, flex)
+    model = torch_model(cfg, tensors, metadata, organism, outputs, FLOAT32, attention)
     with torch.no_grad():
         ours = model(torch.from_numpy(x))
     junction = ours.get(Output("splice_sites_junction", 1))
@@ -68,7 +68,7 @@ def test_float32_every_output_matches_reference(organism):
 def test_float32_fast_path_matches_reference():
     """The fused FlexAttention path computes the same function as the reference attention."""
     x = batch(random_sequence(LENGTH, 13))
-    errors = compare_float32(SMALL, x, organism=0, flex=True)
+    errors = compare_float32(SMALL, x, organism=0, attention="flex")
     bad = {k: v for k, v in errors.items() if not v < 1e-5}
     assert not bad, f"relative L2 error >= 1e-5 with flex attention: {bad}"
 

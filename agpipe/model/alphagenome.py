@@ -33,6 +33,7 @@ from agpipe.model.heads import (
     to_data_space,
     top_splice_sites,
 )
+from agpipe.model.kernels import ATTENTION_KERNELS
 from agpipe.model.metadata import HeadTracks
 from agpipe.model.precision import FLOAT32, Precision
 from agpipe.model.trunk import Decoder, Encoder, TransformerTower
@@ -79,12 +80,12 @@ class AlphaGenome(nn.Module):
         outputs: Iterable[Output],
         tracks: Mapping[str, HeadTracks],
         precision: Precision = FLOAT32,
-        flex_attention: bool = False,
+        attention: str = "reference",
     ) -> AlphaGenome:
         """Specialize in place for inference: one organism, the requested outputs, one dtype policy.
 
-        flex_attention: run the main attention as one fused FlexAttention kernel (kernels.flex_mha)
-        instead of the reference einsum + softmax that materializes (B, H, S, S) logits.
+        attention: "reference" (einsum + softmax, materializing (B, H, S, S) logits) or a fused
+        kernel of kernels.ATTENTION_KERNELS ("flex", "triton"; kernels.fast_attention picks one).
         """
         self.outputs = tuple(outputs)
         self.organism_index = organism
@@ -142,7 +143,7 @@ class AlphaGenome(nn.Module):
         for p in self.parameters():
             p.data = p.data.to(precision.compute)
         for block in self.tower.attn:
-            block.flex = flex_attention
+            block.kernel = ATTENTION_KERNELS[attention]
         return self
 
     # ---- forward ------------------------------------------------------------------------------

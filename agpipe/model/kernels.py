@@ -52,6 +52,7 @@ TRITON_MHA_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages":
 
 _LOG2E = 1.4426950408889634
 
+
 @functools.cache
 def _mha_kernel():
     """The jitted kernel, built on first use: triton is optional (CI has none) and TRITON_INTERPRET,
@@ -130,8 +131,9 @@ def _mha_kernel():
     return _mha_fwd
 
 
-def _launch_mha(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, soft_cap: float) -> torch.Tensor:
-    """Checks the shapes, picks the tiles and runs `kernel` (the jitted kernel, wrapped or interpreted)."""
+def _mha_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, soft_cap: float) -> tuple[int, int, int, int, int] | None:
+    """(BLOCK_M, BLOCK_N, Dv low part, Dv high part, bias block r) for these inputs, or None where
+    the kernel does not apply."""
     cfg = TRITON_MHA_CONFIG
     bsz, heads, s, d = q.shape
     dv = v.shape[-1]
@@ -145,19 +147,30 @@ def _launch_mha(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     def pow2(n: int) -> bool:  # tl.arange and tl.dot sizes
         return n >= 16 and n & (n - 1) == 0
 
-    if not (
+    fits = (
         k.shape == (bsz, 1, s, d) and v.shape == (bsz, 1, s, dv) and bias.shape == (bsz, heads, s // r, s // r)
         and pow2(d) and pow2(dv_lo) and pow2(dv_hi) and pow2(block_m) and pow2(block_n) and r & (r - 1) == 0 and r * bias.shape[-1] == s
         and s % block_m == 0 and s % block_n == 0 and block_m % r == 0 and block_n % r == 0
         and q.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float16)
         and bias.dtype == torch.float32 and 0.0 < soft_cap <= 40.0  # p >= exp(-2 cap) stays a normal float
-    ):
+    )
+    return (block_m, block_n, dv_lo, dv_hi, r) if fits else None
+
+
+def _launch_mha(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, soft_cap: float) -> torch.Tensor:
+    """Checks the shapes, picks the tiles and runs `kernel` (jitted, or interpreted on the CPU)."""
+    cfg = TRITON_MHA_CONFIG
+    tiles = _mha_tiles(q, k, v, bias, soft_cap)
+    if tiles is None:
         raise ValueError(
             f"triton_mha: unsupported q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} bias {tuple(bias.shape)} "
-            f"{q.dtype}/{bias.dtype} soft_cap {soft_cap}: needs one K/V head, power-of-two D >= 16, Dv a sum of two, "
-            f"S a multiple of the tiles ({block_m}, {block_n}) and of the power-of-two bias block r <= tiles, "
+            f"{q.dtype}/{bias.dtype} soft_cap {soft_cap}: needs one K/V head, power-of-two D >= 16, Dv a sum of two "
+            "powers of two >= 16, S a multiple of power-of-two tiles and of the power-of-two bias block r <= tiles, "
             "bf16/fp16 inputs, float32 bias, 0 < soft_cap <= 40"
         )
+    block_m, block_n, dv_lo, dv_hi, r = tiles
+    bsz, heads, s, d = q.shape
+    dv = v.shape[-1]
     q, k, v, bias = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, bias))
     # Stored (B, S, H, Dv) and viewed as (B, H, S, Dv): the block's transpose + reshape is then free.
     out = torch.empty(bsz, s, heads, dv, device=q.device, dtype=q.dtype).transpose(1, 2)
@@ -195,6 +208,30 @@ def triton_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     """`flex_mha` in the hand-written kernel: q (B, H, S, D), k (B, 1, S, D), v (B, 1, S, Dv),
     bias (B, H, S/r, S/r) float32 -> (B, H, S, Dv). Needs triton; CPU tensors need TRITON_INTERPRET=1."""
     return torch.ops.agpipe.triton_mha(q, k, v, bias, soft_cap)
+
+
+def triton_or_flex_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, soft_cap: float) -> torch.Tensor:
+    """`triton_mha` where its kernel applies (the official model's shapes), else `flex_mha` (e.g. the
+    demo model's value dim 24). Decided from shapes, so once when torch.compile traces."""
+    return (triton_mha if _mha_tiles(q, k, v, bias, soft_cap) else flex_mha)(q, k, v, bias, soft_cap)
+
+
+# The main attention's implementations: the reference math in MHABlock.attend (None), or a fused kernel.
+ATTENTION_KERNELS = {"reference": None, "flex": flex_mha, "triton": triton_or_flex_mha}
+
+
+def fast_attention(device: torch.device | str) -> str:
+    """The attention the fast path runs on `device`: on CUDA the hand-written kernel where it applies
+    (3.2x faster than FlexAttention at 4,096 tokens on an H100, docs/performance.md) and
+    FlexAttention elsewhere or where triton is missing; the reference on the CPU, where neither
+    kernel is faster."""
+    if torch.device(device).type != "cuda":
+        return "reference"
+    try:
+        import triton  # noqa: F401  (ships with CUDA builds of torch)
+    except ImportError:
+        return "flex"
+    return "triton"
 
 
 def bmm_f32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agpipe.model.config import ModelConfig, central_mask_widths
-from agpipe.model.kernels import flex_mha
+from agpipe.model.kernels import ATTENTION_KERNELS
 from agpipe.model.layers import (
     ConvBlock,
     LayerNorm,
@@ -140,12 +140,12 @@ class MHABlock(nn.Module):
         self.norm_v = LayerNorm(self.dv)
         self.out = Linear(self.h * self.dv, d)
         self.out_norm = RMSBatchNorm(d)
-        self.flex = False  # prepare_ switches the fused FlexAttention kernel on
+        self.kernel = ATTENTION_KERNELS["reference"]  # prepare_ may pick a fused kernel
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """(B, H, S, dk), (B, 1, S, dk), (B, 1, S, dv), bias (B, H, S/16, S/16) -> (B, H, S, dv)."""
-        if self.flex:
-            return flex_mha(q, k, v, bias, self.soft_cap)
+        if self.kernel is not None:
+            return self.kernel(q, k, v, bias, self.soft_cap)
         s = q.shape[2]
         logits = f32_logits(q, k) / math.sqrt(self.dk)  # (B, H, S, S)
         rep = s // bias.shape[-1]

@@ -31,6 +31,7 @@ from agpipe.model.checkpoint import (
     save_weights,
 )
 from agpipe.model.config import CONFIGS, OFFICIAL, SMALL, ModelConfig, Output
+from agpipe.model.kernels import fast_attention
 from agpipe.model.metadata import TrackMetadata, load_metadata, synthetic_metadata
 from agpipe.model.precision import Precision, configure_backends
 
@@ -224,7 +225,6 @@ def load_model(
     # prepare_ folds the weights where they are: on a GPU in milliseconds, where a GPU worker's one
     # CPU thread took most of its 9-13 s model build; the second .to moves the buffers it creates.
     model.to(device)
-    # The fused FlexAttention kernel on GPUs; on the CPU it would run unfused, slower than the reference.
-    model.prepare_(organism, outputs, tracks, precision, flex_attention=torch.device(device).type == "cuda")
+    model.prepare_(organism, outputs, tracks, precision, attention=fast_attention(device))
     return model.to(device).eval(), metadata
 
