@@ -139,7 +139,8 @@ def _mha_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     dv = v.shape[-1]
     r = s // bias.shape[-1]
     # Short sequences (tests) shrink the tiles to fit.
-    block_m, block_n = (min(cfg[key], 1 << (s.bit_length() - 1)) for key in ("BLOCK_M", "BLOCK_N"))
+    block_m = min(cfg["BLOCK_M"], 1 << (s.bit_length() - 1))
+    block_n = min(cfg["BLOCK_N"], 1 << (s.bit_length() - 1))
     dv_lo = 1 << (dv.bit_length() - 1)
     dv_lo = dv_lo if dv_lo < dv else dv // 2
     dv_hi = dv - dv_lo
