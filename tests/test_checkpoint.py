@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from agpipe.model import checkpoint
 from agpipe.model.alphagenome import AlphaGenome
 from agpipe.model.checkpoint import (
     FORMAT,
@@ -422,3 +425,20 @@ def test_damaged_orbax_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=f"^cannot read Orbax checkpoint {root}: .*manifest") as e:
         read_orbax(tmp_path / "checkpoint")
     assert "\n" not in str(e.value) and "tensorstore_spec" not in str(e.value)
+
+
+def test_a_files_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    memo = tmp_path / "memo"
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"a" * 4096)
+    assert file_sha256(path, memo) == hashlib.sha256(b"a" * 4096).hexdigest()
+    assert not memo.exists()  # just written: a change in the same clock tick would keep its stat
+    monkeypatch.setattr(checkpoint, "MEMO_SETTLED_SECONDS", -1.0)
+    file_sha256(path, memo)
+    (remembered,) = memo.iterdir()
+    remembered.write_text("f" * 64)  # what a second call returns proves where it came from
+    assert file_sha256(path, memo) == "f" * 64
+    assert file_sha256(path) == hashlib.sha256(b"a" * 4096).hexdigest()  # no memo: always hashed
+    time.sleep(0.05)  # past the filesystem's timestamp granularity
+    path.write_bytes(b"b" * 4096)  # same size, same inode: its times moved
+    assert file_sha256(path, memo) == hashlib.sha256(b"b" * 4096).hexdigest()

@@ -4,6 +4,7 @@ the same files as writing the model's full outputs with parquet.write_window."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -208,3 +209,23 @@ def test_a_gpu_worker_enqueues_its_batches_without_waiting_for_the_device(genome
         assert got.window == expected.window and got.nonfinite_count == 0
         for output, values in expected.tracks.items():
             np.testing.assert_array_equal(got.tracks[output], values)
+
+
+def test_a_worker_refuses_weights_changed_after_the_driver_hashed_them(tmp_path, monkeypatch):
+    """The driver's digest is remembered by the file's stat, so workers skip hashing it again; a
+    file changed since (same size, same inode) is still caught."""
+    from agpipe.model import checkpoint
+    from agpipe.model.checkpoint import file_sha256
+    from agpipe.model.weights import WeightsError, sha256_memo
+
+    monkeypatch.setattr(checkpoint, "MEMO_SETTLED_SECONDS", -1.0)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(demo_weights().read_bytes())
+    digest = file_sha256(path, sha256_memo())  # as the driver does
+    ModelWorker(str(path), digest, "human", ALL_OUTPUTS[:1], "float32", "cpu", False, 1, WINDOW, 1)  # accepted
+    time.sleep(0.05)  # past the filesystem's timestamp granularity
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # a weight's last byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="changed after the run started"):
+        ModelWorker(str(path), digest, "human", ALL_OUTPUTS[:1], "float32", "cpu", False, 1, WINDOW, 1)

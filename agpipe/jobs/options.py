@@ -24,7 +24,7 @@ from agpipe.model.checkpoint import file_sha256, find_orbax_root, read_weights_h
 from agpipe.model.config import CONFIGS, ORGANISMS, Output, parse_outputs
 from agpipe.model.metadata import TrackMetadata
 from agpipe.model.precision import resolve_precision
-from agpipe.model.weights import resolve_weights
+from agpipe.model.weights import resolve_weights, sha256_memo
 
 # GPU batches hold about this many bases (batch 1 at 512 kb); the CPU gains nothing from batching.
 GPU_BATCH_BASES = 524_288
@@ -139,7 +139,7 @@ def prepare_job(options: RunOptions) -> Job:
     cfg, metadata_json = read_weights_header(path)
     metadata = TrackMetadata.from_json(metadata_json)
     config_name = next((name for name, c in CONFIGS.items() if c == cfg), "custom")
-    weights = WeightsInfo(path, file_sha256(path), config_name, metadata)
+    weights = WeightsInfo(path, file_sha256(path, sha256_memo()), config_name, metadata)
     outputs, notes = resolve_outputs(options.outputs, metadata, options.organism)
     columns, track_rows = output_columns(metadata, options.organism, outputs)
     job = Job(options, genome_contigs, contigs, regions, crop, outputs, notes, weights, columns, track_rows, 0, 0)

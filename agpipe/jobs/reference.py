@@ -23,7 +23,7 @@ from agpipe.model.checkpoint import load_weights, official_to_ours, ours_to_offi
 from agpipe.model.config import HEADS, ORGANISMS, ModelConfig, Output
 from agpipe.model.heads import JunctionPredictions
 from agpipe.model.metadata import TrackMetadata
-from agpipe.model.weights import WeightsError, agpipe_home
+from agpipe.model.weights import WeightsError, agpipe_home, sha256_memo
 
 
 def reference_inputs(metadata: TrackMetadata) -> dict:
@@ -70,7 +70,7 @@ class ReferenceWorker:
 
         # Compiled programs are kept in the cache: checking a run again skips the compilation.
         jax.config.update("jax_compilation_cache_dir", str(agpipe_home() / "jax-cache"))
-        weights = load_weights(weights_path)
+        weights = load_weights(weights_path, sha256_memo())
         if weights.sha256 != weights_sha256:
             raise WeightsError(f"{weights_path} changed after the run (sha256 differs): the parity check needs the run's weights")
         self.cfg = weights.cfg

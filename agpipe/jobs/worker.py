@@ -35,7 +35,7 @@ from agpipe.model.checkpoint import load_weights
 from agpipe.model.config import ORGANISMS, Output
 from agpipe.model.heads import JunctionPredictions
 from agpipe.model.precision import compile_options, resolve_precision
-from agpipe.model.weights import WeightsError, load_model
+from agpipe.model.weights import WeightsError, load_model, sha256_memo
 
 # Test hook: "N:MARKER" makes a worker process die hard (os._exit) when its Nth batch arrives, once:
 # it creates MARKER first, and does nothing while MARKER exists. Tests kill a worker mid-run with it.
@@ -70,7 +70,7 @@ class ModelWorker:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        weights = load_weights(weights_path)
+        weights = load_weights(weights_path, sha256_memo())  # the driver's digest, unless the file changed
         read = time.perf_counter()
         if weights.sha256 != weights_sha256:
             raise WeightsError(f"{weights_path} changed after the run started (sha256 differs): rerun the command")

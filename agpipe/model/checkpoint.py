@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -216,12 +217,38 @@ def config_from_json(text: str) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+# A digest is remembered only for files last changed this long before it was taken: a later change
+# then always moves the file's timestamps (git's "racily clean" rule).
+MEMO_SETTLED_SECONDS = 2.0
+
+
+def file_sha256(path: str | os.PathLike, memo: Path | None = None) -> str:
+    """The file's sha256. With `memo` (a folder, weights.sha256_memo()), remembered by the file's
+    identity and stat (size, mtime, ctime: every write moves ctime): hashing a 1.4 GB weights file
+    took ~3 s on the GPU machines, in the driver and again in every worker at each start."""
+    stamp = os.stat(path)
+    key = f"{os.path.realpath(path)}|{stamp.st_dev}|{stamp.st_ino}|{stamp.st_size}|{stamp.st_mtime_ns}|{stamp.st_ctime_ns}"
+    remembered = memo / hashlib.sha256(key.encode()).hexdigest() if memo is not None else None
+    if remembered is not None:
+        try:
+            return remembered.read_text().strip()
+        except OSError:
+            pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    settled = max(stamp.st_mtime_ns, stamp.st_ctime_ns) / 1e9 < time.time() - MEMO_SETTLED_SECONDS
+    if remembered is not None and settled and os.stat(path) == stamp:
+        try:  # best effort: a read-only cache only means hashing again next time
+            remembered.parent.mkdir(parents=True, exist_ok=True)
+            temp = remembered.with_name(f".{remembered.name}.{os.getpid()}.partial")
+            temp.write_text(digest)
+            os.replace(temp, remembered)
+        except OSError:
+            pass
+    return digest
 
 
 def _write_safetensors(file, tensors: Mapping[str, np.ndarray], metadata: dict[str, str]) -> None:
@@ -280,14 +307,15 @@ def read_weights_header(path: str | os.PathLike) -> tuple[ModelConfig, str]:
     return config_from_json(header["config"]), header["tracks"]
 
 
-def load_weights(path: str | os.PathLike) -> WeightsFile:
-    """Reads our weights file (safetensors only) and checks every tensor against the config it names."""
+def load_weights(path: str | os.PathLike, memo: Path | None = None) -> WeightsFile:
+    """Reads our weights file (safetensors only) and checks every tensor against the config it
+    names; `memo` as for file_sha256."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
     # Hashing runs beside the parsing (hashlib lets go of the GIL): ~1 s less for the full model.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        sha256 = pool.submit(file_sha256, path)
+        sha256 = pool.submit(file_sha256, path, memo)
         tensors, cfg, metadata_json = _read_checked(path)
     return WeightsFile(path, cfg, tensors, metadata_json, sha256.result())
 

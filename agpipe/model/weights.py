@@ -6,6 +6,7 @@ Cache layout (AGPIPE_HOME, default ~/.cache/agpipe):
     weights/demo-v1.safetensors    the demo model, written on first use
     metadata/                      the official track metadata (textproto), checked by sha256
     jax-cache/                     compiled JAX reference programs (the parity check), reused across runs
+    sha256/                        digests of weights files by their stat (checkpoint.file_sha256)
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def _offline() -> bool:
 
 def agpipe_home() -> Path:
     return Path(os.environ.get("AGPIPE_HOME", Path.home() / ".cache" / "agpipe"))
+
+
+def sha256_memo() -> Path:
+    """Where checkpoint.file_sha256 remembers the digests of weights files."""
+    return agpipe_home() / "sha256"
 
 
 def weights_dir() -> Path:
