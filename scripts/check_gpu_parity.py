@@ -108,7 +108,7 @@ def main() -> None:
             ours[name] = {"1bp": emb.e1.float().cpu().numpy(), "128bp": emb.e128.float().cpu().numpy(), "pair": emb.pair.float().cpu().numpy()}
         del emb
         torch.cuda.empty_cache()
-    del model
+    del model, embeds  # the lambdas hold the model: both go before JAX needs the card
     torch.cuda.empty_cache()
 
     means = {h: np.stack([metadata.head_tracks(o, h).nonzero_mean for o in (0, 1)]) for h, s in HEADS.items() if s.kind == "tracks"}
