@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from agpipe.home import agpipe_home
 from agpipe.io.parquet import JUNCTIONS
 from agpipe.jobs.windows import CODE_ONE_HOT, EncodedWindow, WindowPrediction
 from agpipe.jobs.worker import kept_outputs
@@ -23,7 +24,7 @@ from agpipe.model.checkpoint import load_weights, official_to_ours, ours_to_offi
 from agpipe.model.config import HEADS, ORGANISMS, ModelConfig, Output
 from agpipe.model.heads import JunctionPredictions
 from agpipe.model.metadata import TrackMetadata
-from agpipe.model.weights import WeightsError, agpipe_home, sha256_memo
+from agpipe.model.weights import WeightsError, sha256_memo
 
 
 def reference_inputs(metadata: TrackMetadata) -> dict:

@@ -1,12 +1,6 @@
 """Where weights come from: the official checkpoint (download + conversion), the demo model, and
 loading either into a prepared PyTorch model. Everything that finds or loads weights asks here.
-
-Cache layout (AGPIPE_HOME, default ~/.cache/agpipe):
-    weights/<name>.safetensors     converted weights, found later by name (`--weights all-folds`)
-    weights/demo-v1.safetensors    the demo model, written on first use
-    metadata/                      the official track metadata (textproto), checked by sha256
-    jax-cache/                     compiled JAX reference programs (the parity check), reused across runs
-    sha256/                        digests of weights files by their stat (checkpoint.file_sha256)
+Weights are cached in AGPIPE_HOME (its layout: agpipe.home).
 """
 
 from __future__ import annotations
@@ -21,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agpipe.home import agpipe_home
 from agpipe.model.alphagenome import AlphaGenome
 from agpipe.model.checkpoint import (
     WeightsFile,
@@ -59,10 +54,6 @@ class WeightsError(ValueError):
 def _offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub reads it (1, ON, YES, TRUE in any case)."""
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def agpipe_home() -> Path:
-    return Path(os.environ.get("AGPIPE_HOME", Path.home() / ".cache" / "agpipe"))
 
 
 def sha256_memo() -> Path:
