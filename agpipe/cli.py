@@ -12,7 +12,6 @@ from pathlib import Path
 import click
 
 from agpipe import __version__
-from agpipe.home import keep_bytecode
 from agpipe.jobs.plan import DEFAULT_WINDOW
 from agpipe.model.config import ORGANISMS
 
@@ -79,7 +78,6 @@ def main() -> None:
       agpipe run genome.fa --out run1          predict a genome; rerun the same command to resume
       agpipe parity run1                       check a run against the JAX reference (again)
     """
-    keep_bytecode()
 
 
 @main.command()

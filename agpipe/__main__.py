@@ -1,0 +1,18 @@
+"""The `agpipe` command (and `python -m agpipe`): keeps bytecode where the environment forbids it
+beside the sources (agpipe.home.keep_bytecode) before anything heavy is imported, then runs the
+command line. Tests call agpipe.cli.main directly, leaving their own process as it is."""
+
+from __future__ import annotations
+
+
+def main() -> None:
+    from agpipe.home import keep_bytecode
+
+    keep_bytecode()
+    from agpipe.cli import main as command_line
+
+    command_line()
+
+
+if __name__ == "__main__":
+    main()
