@@ -502,6 +502,3 @@ def plot(out: Path, region: str, patterns: tuple[str, ...], head: str | None, re
     width, height = plot_region(run, run.select(patterns or None, head, resolution), run.region(region), output)
     click.echo(f"wrote {output} ({width} x {height} px)", err=True)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -100,8 +100,8 @@ def build(tensors, metadata, outputs, precision, attention: str, device) -> Alph
     return model.to(device).eval()
 
 
-def kernel_summary(fn) -> str:
-    """CUDA time of one call by kernel family, then the 25 most expensive kernels."""
+def kernel_summary(fn) -> dict:
+    """CUDA time of one call by kernel family, and the 40 most expensive kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -114,9 +114,16 @@ def kernel_summary(fn) -> str:
         family = ("convolution" if "fprop" in n or "conv" in n else "attention" if n.startswith("triton_tem") or "mha_fwd" in n else
                   "gemm" if any(t in n for t in ("gemm", "nvjet", "cutlass", "xmma")) else "fused elementwise (triton)" if n.startswith("triton") else "other")
         families[family] = families.get(family, 0.0) + e.device_time_total / 1e3
-    lines = [f"    {k:28s} {v:8.2f} ms" for k, v in sorted(families.items(), key=lambda kv: -kv[1])]
-    lines += [f"      {e.device_time_total / 1e3:7.2f} ms x{e.count:<3d} {e.key[:90]}" for e in sorted(events, key=lambda e: -e.device_time_total)[:25]]
-    return "\n".join(lines)
+    top = [{"ms": e.device_time_total / 1e3, "count": e.count, "kernel": e.key[:200]} for e in sorted(events, key=lambda e: -e.device_time_total)[:40]]
+    return {"families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])), "top_kernels": top}
+
+
+def print_kernel_summary(summary: dict) -> None:
+    for k, v in summary["families_ms"].items():
+        print(f"    {k:28s} {v:8.2f} ms")
+    for t in summary["top_kernels"]:
+        print(f"      {t['ms']:7.2f} ms x{t['count']:<3d} {t['kernel'][:110]}")
+    sys.stdout.flush()
 
 
 def bench_torch(name, length, outputs, tensors, metadata, precision, attention, compile_mode, warmup, runs, profile=False):
@@ -128,9 +135,11 @@ def bench_torch(name, length, outputs, tensors, metadata, precision, attention, 
     with torch.inference_mode():
         first, times, host = timed(lambda: fn(x), warmup, runs)
         peak = torch.cuda.max_memory_allocated() / 2**30
-        if profile:
-            print(kernel_summary(lambda: fn(x)), flush=True)
-    return {"impl": name, "first_call_s": first, "ms": statistics.median(times), "ms_all": times, "host_ms": statistics.median(host), "peak_gib": peak}
+        summary = kernel_summary(lambda: fn(x)) if profile else None
+    if summary:
+        print_kernel_summary(summary)
+    row = {"impl": name, "first_call_s": first, "ms": statistics.median(times), "ms_all": times, "host_ms": statistics.median(host), "peak_gib": peak}
+    return {**row, "profile": summary} if summary else row
 
 
 def bench_jax(length, outputs_name, params, state, metadata, warmup, runs):

@@ -108,7 +108,7 @@ class GpuSampler:
 def run_pipeline(genome: Path, weights: Path, out: Path, gpus: int, window: int, cpus: int, timeout: float, extra: Sequence[str] = ()) -> dict:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
     timeline = out.parent / f"{out.name}-timeline.json"
-    cmd = [sys.executable, "-m", "agpipe.cli", "run", str(genome), "--weights", str(weights), "--out", str(out),
+    cmd = [sys.executable, "-m", "agpipe", "run", str(genome), "--weights", str(weights), "--out", str(out),
            "--window", str(window), "--num-cpus", str(cpus), "--parity-sample", "0", "--ray-timeline", str(timeline), *extra]
     t0 = time.monotonic()
     with GpuSampler(gpus) as sampler:

@@ -1,8 +1,10 @@
-"""The bf16 fast path (FlexAttention, torch.compile) against the JAX reference under the official bf16
-policy, on one GPU at a production window size: the statistical criteria of the numerics tests on
-the 1 bp, 128 bp and pair embeddings, of each of our models named in --ours (compiled, eager)
-against each reference named in --references (and against each other), the verdict the first
-against the first:
+"""The bf16 fast path (torch.compile, the GPU's attention kernel) against the JAX reference under the
+official bf16 policy, on one GPU at a production window size: the statistical criteria of the
+numerics tests on the 1 bp, 128 bp and pair embeddings, of each of our models named in --ours
+(compiled, eager) against each reference named in --references (and against each other), the
+verdict the first against the first. `--ours ...,float32` adds our float32 model as an anchor:
+every bf16 evaluation, the references' too, is compared with it, which tells whose roundings a
+difference between two bf16 evaluations comes from.
 
     op-by-op    evaluated one op at a time (no compiler decides where anything rounds); at 524,288 bp
                 on an H100 it did not finish in 7 minutes (each JAX primitive is compiled on its own),
@@ -39,7 +41,7 @@ from agpipe.model.checkpoint import official_to_ours, random_official_tree  # no
 from agpipe.model.config import ALL_OUTPUTS, HEADS, OFFICIAL  # noqa: E402
 from agpipe.model.metadata import synthetic_metadata  # noqa: E402
 from agpipe.model.kernels import fast_attention  # noqa: E402
-from agpipe.model.precision import BFLOAT16, compile_options, configure_backends  # noqa: E402
+from agpipe.model.precision import BFLOAT16, FLOAT32, compile_options, configure_backends  # noqa: E402
 
 
 def criteria(ours: np.ndarray, theirs: np.ndarray, block: int) -> dict:
@@ -81,35 +83,39 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--references", default="jit_exact,jit", help="comma-separated, from op-by-op, jit_exact, jit; the verdict is against the first")
     ap.add_argument("--ours", default="compiled", help="comma-separated, from compiled (the fast path), eager (the same bf16 model run op by op, "
-                    "which tells Inductor's share of a difference from XLA's); the verdict is the first's")
+                    "which tells Inductor's share of a difference from XLA's), float32 (our float32 model, TF32 off: the anchor that "
+                    "every bf16 evaluation, ours and the references, is also compared with); the verdict is the first's")
     args = ap.parse_args()
     references, candidates = args.references.split(","), args.ours.split(",")
     if unknown := set(references) - set(EVALUATIONS):
         raise SystemExit(f"unknown --references {', '.join(sorted(unknown))}: use {', '.join(EVALUATIONS)}")
-    if unknown := set(candidates) - {"compiled", "eager"}:
-        raise SystemExit(f"unknown --ours {', '.join(sorted(unknown))}: use compiled, eager")
+    if unknown := set(candidates) - {"compiled", "eager", "float32"}:
+        raise SystemExit(f"unknown --ours {', '.join(sorted(unknown))}: use compiled, eager, float32")
+    if candidates[0] == "float32":
+        raise SystemExit("--ours: float32 is the anchor, not the fast path: name compiled or eager first")
     import jax
 
     params, state = random_official_tree(OFFICIAL, seed=0)
     metadata = synthetic_metadata(OFFICIAL)
     x = np.eye(4, dtype=np.float32)[np.random.default_rng(1).integers(0, 4, (1, args.length))]
 
-    configure_backends(BFLOAT16)
-    model = AlphaGenome(OFFICIAL)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in official_to_ours(params, state, OFFICIAL).items()})
+    tensors = official_to_ours(params, state, OFFICIAL)
     heads = {o.head for o in ALL_OUTPUTS}
-    model.prepare_(0, ALL_OUTPUTS, {h: metadata.head_tracks(0, h) for h in heads}, BFLOAT16, attention=fast_attention("cuda"))
-    model = model.cuda().eval()
-    embeds = {"compiled": lambda: torch.compile(model.embed, dynamic=False, options=compile_options()), "eager": lambda: model.embed}
     ours = {}
     for name in candidates:
+        precision = FLOAT32 if name == "float32" else BFLOAT16
+        configure_backends(precision)
+        model = AlphaGenome(OFFICIAL)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
+        model.prepare_(0, ALL_OUTPUTS, {h: metadata.head_tracks(0, h) for h in heads}, precision,
+                       attention="reference" if name == "float32" else fast_attention("cuda"))
+        model = model.cuda().eval()
+        embed = torch.compile(model.embed, dynamic=False, options=compile_options()) if name == "compiled" else model.embed
         with torch.inference_mode():
-            emb = embeds[name]()(torch.from_numpy(x).cuda())
+            emb = embed(torch.from_numpy(x).cuda())
             ours[name] = {"1bp": emb.e1.float().cpu().numpy(), "128bp": emb.e128.float().cpu().numpy(), "pair": emb.pair.float().cpu().numpy()}
-        del emb
+        del emb, embed, model  # the compiled function holds the model: both go before the next one, or JAX, needs the card
         torch.cuda.empty_cache()
-    del model, embeds  # the lambdas hold the model: both go before JAX needs the card
-    torch.cuda.empty_cache()
 
     means = {h: np.stack([metadata.head_tracks(o, h).nonzero_mean for o in (0, 1)]) for h, s in HEADS.items() if s.kind == "tracks"}
     tissues = np.array([metadata.real_track_count(o, "splice_sites_junction") for o in (0, 1)])
@@ -124,14 +130,18 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
 
-    if len(candidates) > 1:
-        compare(" vs ".join(candidates[:2]), ours[candidates[0]], ours[candidates[1]])
+    for i, a in enumerate(candidates):
+        for b in candidates[i + 1:]:
+            compare(f"{a} vs {b}", ours[a], ours[b])
     for name in references:
         ref = {k: np.asarray(v.astype("float32")) for k, v in EVALUATIONS[name](forward)(params, state, x).items()}
         theirs = {"1bp": ref["embeddings_1bp"], "128bp": ref["embeddings_128bp"], "pair": ref["embeddings_pair"]}
         del ref
         for candidate in candidates:
-            compare(f"{candidate} vs {name}", ours[candidate], theirs)
+            if candidate == "float32":  # the anchor: how far the reference's own bf16 roundings take it from float32
+                compare(f"{name} vs float32", theirs, ours[candidate])
+            else:
+                compare(f"{candidate} vs {name}", ours[candidate], theirs)
     verdict = report[report["verdict"]]
     report["pass"] = all(verdict[k]["pearson"] >= limits[k] and verdict[k]["within_5e-2"] >= 0.95 and abs(verdict[k]["bias_z"]) <= 3 for k in limits)
     if args.out:

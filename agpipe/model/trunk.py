@@ -30,15 +30,17 @@ class DnaEmbedder(nn.Module):
         self.block = ConvBlock(c, c, cfg.conv_kernel)
 
     def fold_(self, dtype: torch.dtype) -> None:
-        width, d_in, d_out = self.conv_w.shape
-        self.weight = nn.Parameter(self.conv_w.to(dtype).reshape(width * d_in, d_out), requires_grad=False)
+        # A zero 16th tap makes the GEMM's inner dimension 64 (60 left cuBLAS on an unaligned sm80 kernel)
+        self.width, d_in, d_out = self.conv_w.shape
+        w = F.pad(self.conv_w.to(dtype), (0, 0, 0, 0, 0, 1))
+        self.weight = nn.Parameter(w.reshape(-1, d_out), requires_grad=False)
         del self.conv_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # 4 input channels are too few for a convolution kernel to use tensor cores: gather each
-        # position's 15-base window (60 values) and run one GEMM instead.
-        width = self.weight.shape[0] // x.shape[-1]
-        windows = F.pad(x, (0, 0, width // 2, width // 2)).unfold(1, width, 1)  # (B, S, 4, width)
+        # position's 15-base window (and one base more, for the zero tap) and run one GEMM instead.
+        taps, half = self.weight.shape[0] // x.shape[-1], self.width // 2
+        windows = F.pad(x, (0, 0, half, taps - 1 - half)).unfold(1, taps, 1)  # (B, S, 4, taps)
         x = windows.transpose(2, 3).reshape(*x.shape[:2], -1) @ self.weight + self.conv_b
         return x + self.block(x)
 
