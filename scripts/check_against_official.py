@@ -59,7 +59,7 @@ OFFICIAL_SIDE = textwrap.dedent(
 
 
 def agpipe(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "agpipe.cli", *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "agpipe", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"agpipe {' '.join(args)} failed:\n{proc.stderr}")
 

@@ -74,7 +74,7 @@ def agpipe(*args, env: dict | None = None, ray_address: str | None = None) -> su
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "agpipe.cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "agpipe", *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
 
 
 def run_args(genome: Path, out: Path, *extra) -> list:
@@ -461,7 +461,7 @@ def test_a_run_keeps_tokens_out_of_its_files_and_output_and_ray_listens_on_loopb
     env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
     args = [str(a) for a in run_args(small_genome, out, "--num-cpus", "2")]
-    process = subprocess.Popen([sys.executable, "-m", "agpipe.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "agpipe", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     listening: set[tuple[str, str]] = set()
     try:
         while process.poll() is None:

@@ -174,7 +174,7 @@ def test_a_killed_run_resumes_and_writes_each_window_once(tmp_path, longer_genom
     out = tmp_path / "out"
     args = ["run", str(longer_genome), "--out", str(out), "--model", "demo", "--window", str(WINDOW), "--crop", str(CROP), "--outputs", "atac:1,dnase:128"]
     env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-m", "agpipe.cli", *args], env=env, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-m", "agpipe", *args], env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:  # until windows.parquet records some done windows
         try:

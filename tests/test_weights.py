@@ -308,7 +308,7 @@ def test_convert_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
 def run_agpipe(*args) -> subprocess.CompletedProcess:
     """The real command in a fresh process: what a user sees, library warnings and logs included."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "agpipe.cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "agpipe", *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_convert_in_a_real_process_says_one_line(small_checkpoint, tmp_path):
