@@ -1,6 +1,7 @@
 """Micro-benchmarks behind the fast path's design choices (one GPU): convolution layouts and the
 fused attention kernels (FlexAttention, the hand-written Triton one) against the reference attention.
-Prints one line per variant; --triton-configs sweeps the Triton kernel's tiles instead."""
+Prints one line per variant; --triton-configs sweeps the Triton attention kernel's tiles instead,
+--conv [--out FILE.json] the Triton convolution's tiles over the model's convolutions against cuDNN."""
 
 from __future__ import annotations
 
@@ -136,6 +137,74 @@ def conv_layouts() -> None:
         print(f"conv {c_in}->{c_out} x {length}: NCL {ncl:.2f} ms ({flop / ncl / 1e9:.0f} TF/s)  NHWC {nhwc:.2f} ms ({flop / nhwc / 1e9:.0f})  5xGEMM {sg:.2f} ms ({flop / sg / 1e9:.0f})", flush=True)
 
 
+# The official model's 27 width-5 convolutions at 524,288 bp: (channels in, channels out, positions),
+# encoder then decoder (the decoder's conv_in runs at the lower resolution, its conv_out at the higher).
+MODEL_CONVS = [(768, 768, 524288)] + [
+    conv for c_in, c_out, s in zip((768, 896, 1024, 1152, 1280, 1408), (896, 1024, 1152, 1280, 1408, 1536), (262144 >> i for i in range(6)))
+    for conv in ((c_in, c_out, s), (c_out, c_out, s))
+] + [(1536, 1536, 4096), (1536, 1536, 8192)] + [
+    conv for c_in, c_out, s in zip((1536, 1408, 1280, 1152, 1024, 896), (1408, 1280, 1152, 1024, 896, 768), (8192 << i for i in range(6)))
+    for conv in ((c_in, c_out, s), (c_out, c_out, 2 * s))
+]
+CONV_SWEEP = [
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+]
+
+
+def conv_kernel(out: str | None) -> None:
+    """The Triton convolution (bias and residual in its epilogue, rounded once) against cuDNN over
+    the model's convolutions: per config of CONV_SWEEP the summed milliseconds, and per convolution
+    cuDNN's conv alone, cuDNN's conv + the eager bias and residual adds, and agreement with the
+    reference (kernels.conv_bias_residual_once: share of values equal, largest difference in ulps)."""
+    import json
+
+    default = dict(kernels.TRITON_CONV_CONFIG)
+    rows, totals = [], {}
+    for c_in, c_out, s in MODEL_CONVS:
+        x = torch.randn(1, s, c_in, device="cuda", dtype=torch.bfloat16)
+        w = (torch.randn(c_out, c_in, 1, 5, device="cuda", dtype=torch.bfloat16) / (5 * c_in) ** 0.5).contiguous(memory_format=torch.channels_last)
+        b = torch.randn(c_out, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(1, s, min(c_in, c_out), device="cuda", dtype=torch.bfloat16)
+        flop = 2 * s * c_in * c_out * 5
+        cudnn = back_to_back_ms(lambda: kernels.conv_bsc(x, w), calls=5)
+        cudnn_adds = back_to_back_ms(lambda: kernels.conv_bsc(x, w) + b + F.pad(r, (0, c_out - r.shape[-1])), calls=5)
+        ref = kernels.conv_bias_residual_once(x, w, b, r)
+        row = {"c_in": c_in, "c_out": c_out, "positions": s, "cudnn_ms": cudnn, "cudnn_with_adds_ms": cudnn_adds, "triton_ms": {}}
+        for i, cfg in enumerate(CONV_SWEEP):
+            kernels.TRITON_CONV_CONFIG = cfg
+            try:
+                y = torch.ops.agpipe.conv_bias_residual(x, w, b, r)
+                t = back_to_back_ms(lambda: torch.ops.agpipe.conv_bias_residual(x, w, b, r), calls=5)
+            except Exception as e:  # a tile that does not fit shared memory or registers
+                print(f"  {cfg}: failed ({str(e).splitlines()[0][:80]})", flush=True)
+                continue
+            row["triton_ms"][i] = t
+            totals[i] = totals.get(i, 0.0) + t
+            if i == 0:
+                ulps = ((y.view(torch.int16).int() - ref.view(torch.int16).int()).abs()).max().item()
+                row["equal_to_reference"] = (y == ref).float().mean().item()
+                row["max_ulps"] = ulps
+        rows.append(row)
+        best = min(row["triton_ms"].values())
+        print(f"conv {c_in}->{c_out} x {s}: cuDNN {cudnn:.3f} ms ({flop / cudnn / 1e9:.0f} TF/s), with adds {cudnn_adds:.3f}; "
+              f"triton best {best:.3f} ({flop / best / 1e9:.0f} TF/s) {row['triton_ms']}; equal {row.get('equal_to_reference', 0):.4f} max ulps {row.get('max_ulps')}", flush=True)
+    kernels.TRITON_CONV_CONFIG = default
+    summary = {
+        "card": torch.cuda.get_device_name(), "torch": torch.__version__, "configs": CONV_SWEEP,
+        "cudnn_total_ms": sum(r["cudnn_ms"] for r in rows), "cudnn_with_adds_total_ms": sum(r["cudnn_with_adds_ms"] for r in rows),
+        "triton_total_ms": {i: totals[i] for i in totals}, "convs": rows,
+    }
+    print(f"total: cuDNN {summary['cudnn_total_ms']:.2f} ms, with adds {summary['cudnn_with_adds_total_ms']:.2f}; triton per config "
+          + ", ".join(f"{i}: {t:.2f}" for i, t in totals.items()), flush=True)
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=1))
+
+
 def attention() -> None:
     for s in (4096, 8192):
         q, k, v, bias = attention_inputs(s)
@@ -164,6 +233,8 @@ if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__)
     if "--triton-configs" in sys.argv:
         triton_configs()
+    elif "--conv" in sys.argv:
+        conv_kernel(sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None)
     else:
         if "--attention-only" not in sys.argv:
             conv_layouts()

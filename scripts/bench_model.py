@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agpipe.model.alphagenome import AlphaGenome  # noqa: E402
 from agpipe.model.checkpoint import official_to_ours, random_official_tree  # noqa: E402
 from agpipe.model.config import ALL_OUTPUTS, HEADS, OFFICIAL  # noqa: E402
+from agpipe.model import kernels  # noqa: E402
 from agpipe.model.kernels import ATTENTION_KERNELS, fast_attention  # noqa: E402
 from agpipe.model.metadata import synthetic_metadata  # noqa: E402
 from agpipe.model.precision import BFLOAT16, FLOAT32, compile_options, configure_backends  # noqa: E402
@@ -189,6 +190,8 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode(s) for the fast path, comma-separated")
     ap.add_argument("--attention", default=fast_attention("cuda"), help="the bf16 paths' attention kernel(s), comma-separated, from "
                     f"{', '.join(k for k in ATTENTION_KERNELS if k != 'reference')} (default: the fast path's)")
+    ap.add_argument("--gpu-conv", default=kernels.GPU_CONV, help="the fast path's convolutions, comma-separated, from triton (rounded "
+                    "once, as XLA), cudnn (cuDNN, bias and residual added after its rounding); see kernels.GPU_CONV")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="print the fast path's top CUDA kernels")
@@ -217,7 +220,10 @@ def main() -> None:
                 results.append(bench_torch(f"eager-bf16-{attention}", length, outputs, tensors, metadata, BFLOAT16, attention, None, args.warmup, args.runs))
             if "fast" in impls:
                 for mode in args.compile_mode.split(","):
-                    results.append(bench_torch(f"fast-bf16-{attention}-{mode}", length, outputs, tensors, metadata, BFLOAT16, attention, mode, args.warmup, args.runs, args.profile))
+                    for conv in args.gpu_conv.split(","):
+                        kernels.GPU_CONV = conv
+                        name = f"fast-bf16-{attention}-{mode}" + ("" if conv == "triton" else f"-{conv}-conv")
+                        results.append(bench_torch(name, length, outputs, tensors, metadata, BFLOAT16, attention, mode, args.warmup, args.runs, args.profile))
         if "jax" in impls:
             results.append(bench_jax(length, outputs_name, params, state, metadata, args.warmup, args.runs))
         gc.collect()  # the models of this case are gone: hand their memory back before the next case

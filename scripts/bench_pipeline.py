@@ -261,13 +261,13 @@ def same_values(a: Path, b: Path) -> bool:
 
 
 def compare(row: dict, rows: list[dict]) -> None:
-    """A run's scaling, ratio to model-only, hg38 projection and, with the first run's arguments,
-    whether it wrote the first run's values."""
-    base = next(r for r in rows if r["run_args"] == row["run_args"])  # the first with its arguments
+    """A run's scaling (over the run with its arguments on the fewest GPUs), ratio to model-only, hg38
+    projection and, with the first run's arguments, whether it wrote the first run's values."""
+    base = min((r for r in rows if r["run_args"] == row["run_args"]), key=lambda r: r["gpus"])
     row["scaling_efficiency"] = row["windows_per_s"] / (base["windows_per_s"] * row["gpus"] / base["gpus"])
     row["end_to_end_over_model_only"] = row["windows_per_s"] / row["model_only_windows_per_s"] if row["model_only_windows_per_s"] else None
     row["hg38_projection_hours"] = HG38_BASES / row["bases_per_s"] / 3600
-    if row is not rows[0] and row["run_args"] == rows[0]["run_args"]:  # same codec: compares checksums
+    if row is not rows[0] and row["run_args"] == rows[0]["run_args"] and "identical_to_first" not in row:  # same codec: compares checksums
         row["identical_to_first"] = same_values(Path(rows[0]["out"]), Path(row["out"]))
 
 
@@ -322,6 +322,9 @@ def main() -> None:
         print(json.dumps(row["timeline"], indent=1), flush=True)
         compare(row, rows)
         result.write_text(json.dumps({**header, "runs": rows}, indent=1))  # kept if a later run fails
+    for row in rows:  # a run on fewer GPUs may have come after it
+        compare(row, rows)
+    result.write_text(json.dumps({**header, "runs": rows}, indent=1))
     print("\n" + table(rows))
     print(f"wrote {result}")
 

@@ -40,6 +40,7 @@ from agpipe.model.alphagenome import AlphaGenome  # noqa: E402
 from agpipe.model.checkpoint import official_to_ours, random_official_tree  # noqa: E402
 from agpipe.model.config import ALL_OUTPUTS, HEADS, OFFICIAL  # noqa: E402
 from agpipe.model.metadata import synthetic_metadata  # noqa: E402
+from agpipe.model import kernels  # noqa: E402
 from agpipe.model.kernels import fast_attention  # noqa: E402
 from agpipe.model.precision import BFLOAT16, FLOAT32, compile_options, configure_backends  # noqa: E402
 
@@ -83,14 +84,16 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--references", default="jit_exact,jit", help="comma-separated, from op-by-op, jit_exact, jit; the verdict is against the first")
     ap.add_argument("--ours", default="compiled", help="comma-separated, from compiled (the fast path), eager (the same bf16 model run op by op, "
-                    "which tells Inductor's share of a difference from XLA's), float32 (our float32 model, TF32 off: the anchor that "
+                    "which tells Inductor's share of a difference from XLA's), eager-reference (eager with the reference attention, "
+                    "softmax normalized before its bf16 rounding: tells our attention kernel's share), compiled-cudnn-conv (compiled, "
+                    "cuDNN's convolutions with bias and residual added after their rounding: kernels.GPU_CONV), float32 (our float32 model, TF32 off: the anchor that "
                     "every bf16 evaluation, ours and the references, is also compared with); the verdict is the first's")
     args = ap.parse_args()
     references, candidates = args.references.split(","), args.ours.split(",")
     if unknown := set(references) - set(EVALUATIONS):
         raise SystemExit(f"unknown --references {', '.join(sorted(unknown))}: use {', '.join(EVALUATIONS)}")
-    if unknown := set(candidates) - {"compiled", "eager", "float32"}:
-        raise SystemExit(f"unknown --ours {', '.join(sorted(unknown))}: use compiled, eager, float32")
+    if unknown := set(candidates) - {"compiled", "compiled-cudnn-conv", "eager", "eager-reference", "float32"}:
+        raise SystemExit(f"unknown --ours {', '.join(sorted(unknown))}: use compiled, compiled-cudnn-conv, eager, eager-reference, float32")
     if candidates[0] == "float32":
         raise SystemExit("--ours: float32 is the anchor, not the fast path: name compiled or eager first")
     import jax
@@ -108,12 +111,14 @@ def main() -> None:
         model = AlphaGenome(OFFICIAL)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
         model.prepare_(0, ALL_OUTPUTS, {h: metadata.head_tracks(0, h) for h in heads}, precision,
-                       attention="reference" if name == "float32" else fast_attention("cuda"))
+                       attention="reference" if name in ("float32", "eager-reference") else fast_attention("cuda"))
         model = model.cuda().eval()
-        embed = torch.compile(model.embed, dynamic=False, options=compile_options()) if name == "compiled" else model.embed
+        kernels.GPU_CONV = "cudnn" if name == "compiled-cudnn-conv" else "triton"
+        embed = torch.compile(model.embed, dynamic=False, options=compile_options()) if name.startswith("compiled") else model.embed
         with torch.inference_mode():
             emb = embed(torch.from_numpy(x).cuda())
             ours[name] = {"1bp": emb.e1.float().cpu().numpy(), "128bp": emb.e128.float().cpu().numpy(), "pair": emb.pair.float().cpu().numpy()}
+        kernels.GPU_CONV = "triton"
         del emb, embed, model  # the compiled function holds the model: both go before the next one, or JAX, needs the card
         torch.cuda.empty_cache()
 

@@ -1,4 +1,5 @@
-"""`triton_mha` (the hand-written Triton attention kernel) against the attention math it replaces.
+"""The hand-written Triton kernels against the math they replace: `triton_mha` (attention) and the
+convolution with bias and residual rounded once (`agpipe::conv_bias_residual`).
 
 On a machine without CUDA the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set here
 before triton is first imported); with CUDA the same tests run the compiled kernel."""
@@ -12,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 INTERPRET = not torch.cuda.is_available()
 if INTERPRET:
@@ -20,7 +22,14 @@ if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from agpipe.model.kernels import ATTENTION_KERNELS, flex_mha, triton_mha  # noqa: E402
+from agpipe.model.kernels import (  # noqa: E402
+    ATTENTION_KERNELS,
+    conv_bias_residual,
+    conv_bias_residual_once,
+    conv_bsc,
+    flex_mha,
+    triton_mha,
+)
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 SOFT_CAP = 5.0
@@ -142,3 +151,73 @@ def test_torch_compile_full_graph():
     for _ in range(3):  # CUDA graphs record on a later call
         out = compiled(q, k, v, bias)
     assert torch.equal(out, block(q, k, v, bias))
+
+
+def conv_inputs(s: int, c_in: int, c_out: int, c_res: int, seed: int, b: int = 2):
+    """x (B, S, C_in), a channels-last (C_out, C_in, 1, 5) weight of the model's scale, bias, and a
+    residual of c_res <= C_out channels taken as a slice (the decoder's x[..., :c]: not contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s, c_in, generator=g).bfloat16()
+    w = (torch.randn(c_out, c_in, 1, 5, generator=g) / (5 * c_in) ** 0.5).bfloat16().contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(c_out, generator=g).bfloat16()
+    residual = torch.randn(b, s, c_res + 16, generator=g).bfloat16()[..., :c_res]
+    return (t.to(DEVICE) for t in (x, w, bias, residual))
+
+
+def assert_rounding_apart(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Sums of the same products in another order: nearly every value equal, and a differing one
+    off by one bf16 step of the value, or of the sum's scale where conv, bias and residual cancel."""
+    diff = (out.float() - ref.float()).abs()
+    scale = ref.float().square().mean().sqrt()
+    assert (out == ref).float().mean() > 0.99 and (diff <= (ref.float().abs() + scale) * 2**-7).all(), diff.max()
+
+
+def test_conv_rounds_once_where_the_gpu_does_and_after_each_op_on_the_cpu():
+    """The reference of the GPU kernel is conv + bias + residual in float64 rounded once; the CPU path
+    rounds after the conv, the bias and the residual, as XLA's CPU backend evaluates the official
+    model. On these inputs (bias and residual as large as the conv) a third of the values differ."""
+    x, w, bias, residual = (t.cpu() for t in conv_inputs(50, 48, 64, 40, seed=1))
+    exact = F.conv2d(x.double().permute(0, 2, 1)[:, :, None, :], w.double(), padding=(0, 2))[:, :, 0, :].permute(0, 2, 1)
+    exact = exact + bias.double() + F.pad(residual.double(), (0, 24))
+    once = conv_bias_residual_once(x, w, bias, residual)
+    assert once.dtype == torch.bfloat16 and (once == exact.bfloat16()).float().mean() > 0.999
+    op_by_op = conv_bias_residual(x, w, bias, residual)
+    assert torch.equal(op_by_op, conv_bsc(x, w) + bias + F.pad(residual, (0, 24)))
+    differ = (op_by_op != once).float().mean().item()
+    assert differ > 0.1, differ
+
+
+@pytest.mark.parametrize(("s", "c_in", "c_out", "c_res"), [(70, 96, 80, 64), (40, 64, 64, 64)])
+def test_conv_kernel_matches_its_reference(s, c_in, c_out, c_res):
+    """Sequence edges (SAME padding), channel counts off the tiles, a residual narrower than the
+    output and not contiguous."""
+    x, w, bias, residual = conv_inputs(s, c_in, c_out, c_res, seed=s)
+    out = torch.ops.agpipe.conv_bias_residual(x, w, bias, residual)
+    ref = conv_bias_residual_once(x, w, bias, residual)
+    assert out.shape == (2, s, c_out) and out.dtype == torch.bfloat16
+    assert_rounding_apart(out, ref)
+    assert_rounding_apart(torch.ops.agpipe.conv_bias_residual(x, w, bias, None), conv_bias_residual_once(x, w, bias))
+
+
+@pytest.mark.skipif(INTERPRET, reason="needs CUDA")
+def test_conv_kernel_at_the_models_widths_on_gpu():
+    """What the model's GPU path runs: the kernel through conv_bias_residual, at 1,536 channels."""
+    x, w, bias, residual = conv_inputs(4096, 1536, 1536, 1536, seed=5, b=1)
+    out = conv_bias_residual(x, w, bias, residual)
+    ref = conv_bias_residual_once(x, w, bias, residual)
+    assert_rounding_apart(out, ref)
+    assert torch.equal(out, torch.ops.agpipe.conv_bias_residual(x, w, bias, residual))
+
+
+def test_conv_kernel_under_torch_compile():
+    """The op traces without a graph break (its fake kernel gives the output's shape and strides)."""
+    x, w, bias, residual = conv_inputs(40, 64, 64, 64, seed=9, b=1)
+
+    def block(x, residual):
+        return torch.ops.agpipe.conv_bias_residual(x * 2, w, bias, residual) * 3
+
+    compiled = torch.compile(block, fullgraph=True, **({"backend": "aot_eager"} if INTERPRET else {"mode": "reduce-overhead"}))
+    for _ in range(3):
+        out = compiled(x, residual)
+    assert torch.equal(out, block(x, residual))
+

@@ -22,11 +22,11 @@ from click.testing import CliRunner
 from agpipe.cli import main
 from agpipe.io.fasta import is_all_n, one_hot, open_genome
 from agpipe.io.parquet import TEMP_NAME, kept_rows, read_json, read_windows_table
-from agpipe.jobs.options import RunOptions, prepare_job
+from agpipe.jobs.options import Execution, RunOptions, prepare_job
 from agpipe.jobs import run as run_module
 from agpipe.jobs.plan import Window
 from agpipe.jobs.run import run_job
-from agpipe.jobs.stream import IoPool, WindowStream
+from agpipe.jobs.stream import BATCHES_PER_WORKER, OBJECT_STORE_SHARE, IoPool, WindowStream, windows_in_flight
 from agpipe.jobs.windows import EncodedWindow, SkippedWindow
 from agpipe.jobs.worker import EXIT_ON_BATCH_ENV
 from agpipe.model.checkpoint import load_weights, save_weights
@@ -343,6 +343,20 @@ def test_a_run_writes_its_ray_timeline_and_the_benchmark_reads_it(small_genome, 
     assert found["PredictionWriter.write"]["tasks"] >= summary.counts["done"] + summary.counts["skipped_all_n"]
     assert found["GenomeReader.read"]["execute_median_ms"] > 0 and found["windows_per_s"] > 0
     assert 0 <= min(found["ModelWorker.predict"]["idle_fraction"].values()) <= 1
+
+
+def test_windows_in_flight_keep_each_writer_a_window_ahead_within_the_object_store():
+    four_gpus = Execution("cuda", "bfloat16", True, batch_size=1, workers=4, worker_cpus=1)
+    at_model = BATCHES_PER_WORKER * 4
+    window = 18 * 2**20
+    # a writer per CPU left, each writing one window with the next waiting
+    assert windows_in_flight(four_gpus, window, 2**40, io_cpus=60) == at_model + 120
+    # the object store's share caps it, but never under the batches at the model
+    small_store = 40 * window / OBJECT_STORE_SHARE
+    assert windows_in_flight(four_gpus, window, small_store, io_cpus=60) == 40
+    assert windows_in_flight(four_gpus, window, window, io_cpus=60) == at_model
+    # few CPUs left: the writers still get as many as the model holds
+    assert windows_in_flight(four_gpus, window, 2**40, io_cpus=2) == 3 * at_model
 
 
 def test_windows_of_a_worker_dead_for_good_go_to_the_others(ray_address):

@@ -43,13 +43,18 @@ CANCEL_SECONDS = 30.0  # the most a failed run waits for its cancelled writes to
 
 def windows_in_flight(execution: Execution, window_bytes: int, store_bytes: float, io_cpus: int) -> int:
     """How many windows may be between read and written at once: BATCHES_PER_WORKER batches per
-    worker at the model, plus one being read or written per CPU the driver's node has left for that
-    (writing a window takes far longer than computing it on a GPU: a 512 kb window's 128 bp tracks
-    take ~40 ms on an H100 and ~0.5 s to encode and compress), fewer if their predictions would fill
-    more than OBJECT_STORE_SHARE of the object store, but never under the batches at the model."""
+    worker at the model, plus two per CPU the driver's node has left for reading and writing (one
+    being written, one waiting for its writer: writing a window takes far longer than computing it,
+    a 512 kb window's 128 bp tracks ~32 ms on an H100 and ~0.3-0.45 s to encode and compress), fewer
+    if their predictions would fill more than OBJECT_STORE_SHARE of the object store, but never
+    under the batches at the model.
+
+    The rate is at most this number over a window's time from read to written (~0.8 s on 4 x H100):
+    with one per CPU, four GPUs were held to ~95 windows/s where the model gave 116.
+    """
     at_model = BATCHES_PER_WORKER * execution.workers * execution.batch_size
     fits = int(store_bytes * OBJECT_STORE_SHARE) // max(1, window_bytes)
-    return max(at_model, min(at_model + max(at_model, io_cpus), fits))
+    return max(at_model, min(at_model + 2 * max(at_model, io_cpus), fits))
 
 
 class IoPool:

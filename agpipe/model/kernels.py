@@ -7,6 +7,10 @@
 - `triton_mha`: the same attention in a hand-written Triton kernel (`_mha_fwd`), same contract.
 - `matmul_f32_out`: x @ w with float32 accumulation and a float32 result without upcasting x
   (cuBLAS bf16 GEMM with a float32 output on CUDA).
+- `conv_bias_residual`: a SAME-padded 1D convolution plus its bias and the block's residual, rounded
+  where XLA rounds them for the official model: on a GPU once (XLA hands conv + bias + residual to
+  cuDNN as one fused call, `__cudnn$convBiasActivationForward` with a side input), on the CPU after
+  each op. On CUDA in bf16 it runs `_conv_fwd`, an implicit-GEMM Triton kernel with that epilogue.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 @functools.cache
@@ -228,11 +233,17 @@ def fast_attention(device: torch.device | str) -> str:
     kernel is faster."""
     if torch.device(device).type != "cuda":
         return "reference"
+    return "triton" if triton_available() else "flex"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton imports (it ships with CUDA builds of torch; CPU builds lack it)."""
     try:
-        import triton  # noqa: F401  (ships with CUDA builds of torch)
+        import triton  # noqa: F401
     except ImportError:
-        return "flex"
-    return "triton"
+        return False
+    return True
 
 
 def bmm_f32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -247,3 +258,150 @@ def matmul_f32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.is_cuda and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(x.reshape(-1, x.shape[-1]), w, out_dtype=torch.float32).view(*x.shape[:-1], w.shape[-1])
     return torch.matmul(x.float(), w.float())
+
+
+# Tiles of `_conv_fwd` (scripts/bench_kernels.py --conv sweeps them). H100, 2026-11-27, the model's 27
+# convolutions at 524,288 bp: 52.8 ms (~505 TFLOP/s) against cuDNN's 39.8 ms for the convolutions alone.
+TRITON_CONV_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+# How a GPU convolution rounds (bf16): "triton" once, as XLA (`_conv_fwd`); "cudnn" cuDNN's convolution
+# (rounded), then bias and residual added in float32 and rounded once: one rounding more than XLA.
+GPU_CONV = "triton"
+
+
+@functools.cache
+def _conv_kernel():
+    """The jitted convolution kernel, built on first use (triton is optional, as for `_mha_kernel`)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _conv_fwd(
+        x_ptr, w_ptr, b_ptr, r_ptr, out_ptr,
+        seq_len, c_in, c_out, c_res,
+        stride_xb, stride_xs, stride_wo, stride_wk, stride_rb, stride_rs, stride_ob, stride_os,
+        WIDTH: tl.constexpr, HAS_RES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One program: BLOCK_M positions x BLOCK_N output channels of one sequence, as a GEMM over
+        WIDTH taps x c_in channels (x shifted by each tap; rows outside the sequence are SAME
+        padding's zeros), accumulated in float32; bias and residual (channels >= c_res read as the
+        residual's zero padding) are added to the float32 sum, which is rounded once.
+
+        The output-channel block is the fastest grid axis, so the programs sharing one block of x
+        run together and read it from L2; the whole weight (~6 MB at 1,536 channels) stays there."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        b = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        x_base = x_ptr + b * stride_xb
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        blocks = tl.cdiv(c_in, BLOCK_K)
+        for i in range(0, WIDTH * blocks):
+            tap = i // blocks
+            c = (i % blocks) * BLOCK_K + offs_k
+            rows = offs_m + (tap - WIDTH // 2)
+            a = tl.load(
+                x_base + rows[:, None] * stride_xs + c[None, :],
+                mask=(rows[:, None] >= 0) & (rows[:, None] < seq_len) & (c[None, :] < c_in), other=0.0,
+            )
+            w = tl.load(
+                w_ptr + offs_n[None, :] * stride_wo + tap * stride_wk + c[:, None],
+                mask=(c[:, None] < c_in) & (offs_n[None, :] < c_out), other=0.0,
+            )
+            acc = tl.dot(a, w, acc)
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < c_out, other=0.0).to(tl.float32)[None, :]
+        in_seq = offs_m[:, None] < seq_len
+        if HAS_RES:
+            r = tl.load(
+                r_ptr + b * stride_rb + offs_m[:, None] * stride_rs + offs_n[None, :],
+                mask=in_seq & (offs_n[None, :] < c_res), other=0.0,
+            )
+            acc += r.to(tl.float32)
+        out = out_ptr + b * stride_ob + offs_m[:, None] * stride_os + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=in_seq & (offs_n[None, :] < c_out))
+
+    return _conv_fwd
+
+
+def _launch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    cfg = TRITON_CONV_CONFIG
+    bsz, s, c_in = x.shape
+    c_out, _, _, width = weight.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(bsz, s, c_out, device=x.device, dtype=x.dtype)
+    res = residual if residual is not None else out  # not read without HAS_RES
+    grid = (-(-c_out // cfg["BLOCK_N"]), -(-s // cfg["BLOCK_M"]), bsz)
+    _conv_kernel()[grid](
+        x, weight, bias, res, out,
+        s, c_in, c_out, res.shape[-1] if residual is not None else 0,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(3), res.stride(0), res.stride(1), out.stride(0), out.stride(1),
+        WIDTH=width, HAS_RES=residual is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+@torch.library.custom_op("agpipe::conv_bias_residual", mutates_args=())
+def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    return _launch_conv(x, weight, bias, residual)
+
+
+@_conv_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:2], weight.shape[0])
+
+
+def _conv_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether `_conv_fwd` takes these inputs: bf16/fp16 (B, S, C) with unit channel stride, a
+    channels-last (out, in, 1, width) weight of odd width, a residual (B, S, <= out) of unit channel stride."""
+    return (
+        x.is_cuda and x.dim() == 3 and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == bias.dtype == x.dtype
+        and weight.dim() == 4 and weight.shape[1] == x.shape[-1] and weight.shape[2] == 1 and weight.shape[3] % 2 == 1
+        and weight.stride(1) == 1 and bias.is_contiguous()
+        and (residual is None or (residual.dtype == x.dtype and residual.shape[:2] == x.shape[:2]
+                                  and residual.shape[-1] <= weight.shape[0] and residual.stride(-1) == 1))
+    )
+
+
+def conv_bias_residual_once(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference of `_conv_fwd`: conv(x) + bias + residual in float32 (bf16 products are exact in
+    float32, and in TF32), rounded once to x's dtype."""
+    y = F.conv2d(x.float().permute(0, 2, 1)[:, :, None, :], weight.float(), padding=(0, weight.shape[-1] // 2))
+    y = y[:, :, 0, :].permute(0, 2, 1) + bias.float()
+    if residual is not None:
+        y = y + F.pad(residual.float(), (0, y.shape[-1] - residual.shape[-1]))
+    return y.to(x.dtype)
+
+
+def conv_bias_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """SAME-padded conv of x (B, S, C_in) with a channels-last (C_out, C_in, 1, width) weight, plus
+    bias and residual (B, S, <= C_out; missing channels are zero), rounded as XLA rounds the official
+    model on x's device: once on a GPU (cuDNN's fused conv-bias-side-input), after each op on the CPU."""
+    if not x.is_cuda:
+        y = conv_bsc(x, weight) + bias
+        if residual is None:
+            return y
+        return y + (residual if residual.shape[-1] == y.shape[-1] else F.pad(residual, (0, y.shape[-1] - residual.shape[-1])))
+    if x.dtype == torch.float32:
+        return conv_bias_residual_once(x, weight, bias, residual)
+    if GPU_CONV == "triton" and _conv_fits(x, weight, bias, residual) and triton_available():
+        return torch.ops.agpipe.conv_bias_residual(x, weight, bias, residual)
+    y = conv_bsc(x, weight).float() + bias.float()
+    return (y if residual is None else y + F.pad(residual.float(), (0, y.shape[-1] - residual.shape[-1]))).to(x.dtype)
+
+
+def conv_bsc(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SAME-padded 1D convolution of a (B, S, C) tensor, as conv2d on its channels-last NCHW view."""
+    y = F.conv2d(x.permute(0, 2, 1)[:, :, None, :], weight, padding=(0, weight.shape[-1] // 2))
+    return y[:, :, 0, :].permute(0, 2, 1)
+
+
+def gemm_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x @ w + b rounded as XLA rounds a convolution and its bias (the DNA embedder's, run as a GEMM):
+    once on a GPU, after each op on the CPU."""
+    if x.is_cuda:
+        return (matmul_f32_out(x, w) + b.float()).to(x.dtype)
+    return x @ w + b
+

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agpipe.model.config import rope_frequencies
+from agpipe.model.kernels import conv_bias_residual
 
 NORM_EPS = 1e-5
 
@@ -104,8 +105,8 @@ class StandardizedConv(nn.Module):
         self.weight = nn.Parameter(conv_weight(w * scale), requires_grad=False)
         del self.w, self.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_bsc(x, self.weight) + self.bias
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return conv_bias_residual(x, self.weight, self.bias, residual)
 
 
 class ConvBlock(nn.Module):
@@ -116,19 +117,19 @@ class ConvBlock(nn.Module):
         self.norm = RMSBatchNorm(d_in)
         self.conv = StandardizedConv(d_in, d_out, width) if width > 1 else Linear(d_in, d_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(sigmoid_gelu(self.norm(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output plus `residual` (zero-padded to the output's channels), which a
+        convolution adds before its one rounding on a GPU (kernels.conv_bias_residual)."""
+        h = sigmoid_gelu(self.norm(x))
+        if isinstance(self.conv, StandardizedConv):
+            return self.conv(h, residual)
+        y = self.conv(h)
+        return y if residual is None else y + residual
 
 
 def conv_weight(w: torch.Tensor) -> torch.Tensor:
     """(width, in, out) official layout -> (out, in, 1, width) channels-last conv2d weight."""
     return w.permute(2, 1, 0)[:, :, None, :].contiguous(memory_format=torch.channels_last)
-
-
-def conv_bsc(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """SAME-padded 1D convolution of a (B, S, C) tensor, as conv2d on its channels-last NCHW view."""
-    y = F.conv2d(x.permute(0, 2, 1)[:, :, None, :], weight, padding=(0, weight.shape[-1] // 2))
-    return y[:, :, 0, :].permute(0, 2, 1)
 
 
 def rope_buffer(dim: int, max_position: int) -> torch.Tensor:

@@ -62,7 +62,15 @@ def compile_options(mode: str = "default") -> dict:
     more accurate, but not the official policy, and it moves the compiled model away from the eager
     one (small config, 16 kb, CPU: Pearson 0.99992 on the 1 bp embeddings, 0.99998 with the casts
     emulated; docs/performance.md). Imports Inductor (~2 s), so only where something is compiled.
+
+    Deterministic: Inductor otherwise times several block sizes of a reduction kernel on the card
+    when it first runs and keeps the fastest, which fixes the order of its additions; workers that
+    compile at once can choose differently, and a 4-GPU run wrote other values than a 1-GPU run of
+    the same windows. This keeps each kernel to one configuration chosen without timing.
     """
     import torch._inductor
 
-    return {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True}
+    options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True}
+    if hasattr(torch._inductor.config, "deterministic"):  # torch >= 2.10
+        options["deterministic"] = True
+    return options

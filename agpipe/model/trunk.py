@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agpipe.model.config import ModelConfig, central_mask_widths
-from agpipe.model.kernels import ATTENTION_KERNELS
+from agpipe.model.kernels import ATTENTION_KERNELS, gemm_bias
 from agpipe.model.layers import (
     ConvBlock,
     LayerNorm,
@@ -41,8 +41,8 @@ class DnaEmbedder(nn.Module):
         # position's 15-base window (and one base more, for the zero tap) and run one GEMM instead.
         taps, half = self.weight.shape[0] // x.shape[-1], self.width // 2
         windows = F.pad(x, (0, 0, half, taps - 1 - half)).unfold(1, taps, 1)  # (B, S, 4, taps)
-        x = windows.transpose(2, 3).reshape(*x.shape[:2], -1) @ self.weight + self.conv_b
-        return x + self.block(x)
+        x = gemm_bias(windows.transpose(2, 3).reshape(*x.shape[:2], -1), self.weight, self.conv_b)
+        return self.block(x, residual=x)
 
 
 def max_pool2(x: torch.Tensor) -> torch.Tensor:
@@ -54,13 +54,12 @@ def max_pool2(x: torch.Tensor) -> torch.Tensor:
 class DownResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, width: int):
         super().__init__()
-        self.extra = c_out - c_in  # the residual is zero-padded to the new width
         self.block1 = ConvBlock(c_in, c_out, width)
         self.block2 = ConvBlock(c_out, c_out, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block1(x) + F.pad(x, (0, self.extra))
-        return out + self.block2(out)
+        out = self.block1(x, residual=x)  # the residual is zero-padded to the new width
+        return self.block2(out, residual=out)
 
 
 class Encoder(nn.Module):
@@ -94,10 +93,10 @@ class UpResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         c = skip.shape[-1]
-        out = self.conv_in(x) + x[..., :c]
+        out = self.conv_in(x, residual=x[..., :c])
         out = out.repeat_interleave(2, dim=1) * self.residual_scale
         out = out + self.skip(skip)
-        return out + self.conv_out(out)
+        return self.conv_out(out, residual=out)
 
 
 class Decoder(nn.Module):
