@@ -147,12 +147,15 @@ MODEL_CONVS = [(768, 768, 524288)] + [
     for conv in ((c_in, c_out, s), (c_out, c_out, 2 * s))
 ]
 CONV_SWEEP = [
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "TMA": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "TMA": True},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "TMA": True},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True},
 ]
 
 
@@ -160,7 +163,7 @@ def conv_kernel(out: str | None) -> None:
     """The Triton convolution (bias and residual in its epilogue, rounded once) against cuDNN over
     the model's convolutions: per config of CONV_SWEEP the summed milliseconds, and per convolution
     cuDNN's conv alone, cuDNN's conv + the eager bias and residual adds, and agreement with the
-    reference (kernels.conv_bias_residual_once: share of values equal, largest difference in ulps)."""
+    reference (kernels.conv_bias_residual_once: share of values equal)."""
     import json
 
     default = dict(kernels.TRITON_CONV_CONFIG)
@@ -185,14 +188,11 @@ def conv_kernel(out: str | None) -> None:
                 continue
             row["triton_ms"][i] = t
             totals[i] = totals.get(i, 0.0) + t
-            if i == 0:
-                ulps = ((y.view(torch.int16).int() - ref.view(torch.int16).int()).abs()).max().item()
-                row["equal_to_reference"] = (y == ref).float().mean().item()
-                row["max_ulps"] = ulps
+            row.setdefault("equal_to_reference", {})[i] = (y == ref).float().mean().item()
         rows.append(row)
         best = min(row["triton_ms"].values())
         print(f"conv {c_in}->{c_out} x {s}: cuDNN {cudnn:.3f} ms ({flop / cudnn / 1e9:.0f} TF/s), with adds {cudnn_adds:.3f}; "
-              f"triton best {best:.3f} ({flop / best / 1e9:.0f} TF/s) {row['triton_ms']}; equal {row.get('equal_to_reference', 0):.4f} max ulps {row.get('max_ulps')}", flush=True)
+              f"triton best {best:.3f} ({flop / best / 1e9:.0f} TF/s) {row['triton_ms']}; equal {min(row['equal_to_reference'].values()):.4f}", flush=True)
     kernels.TRITON_CONV_CONFIG = default
     summary = {
         "card": torch.cuda.get_device_name(), "torch": torch.__version__, "configs": CONV_SWEEP,

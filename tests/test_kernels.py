@@ -22,6 +22,7 @@ if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
+from agpipe.model import kernels  # noqa: E402
 from agpipe.model.kernels import (  # noqa: E402
     ATTENTION_KERNELS,
     conv_bias_residual,
@@ -171,10 +172,12 @@ def assert_rounding_apart(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert (out == ref).float().mean() > 0.99 and (diff <= (ref.float().abs() + scale) * 2**-7).all(), diff.max()
 
 
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize(("s", "c_in", "c_out", "c_res"), [(70, 96, 80, 64), (40, 64, 64, 64)])
-def test_conv_kernel_matches_its_reference(s, c_in, c_out, c_res):
+def test_conv_kernel_matches_its_reference(s, c_in, c_out, c_res, tma, monkeypatch):
     """Sequence edges (SAME padding), channel counts off the tiles, a residual narrower than the
-    output and not contiguous."""
+    output and not contiguous; tiles loaded through pointers or tensor descriptors (TMA)."""
+    monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "TMA", tma)
     x, w, bias, residual = conv_inputs(s, c_in, c_out, c_res, seed=s)
     out = torch.ops.agpipe.conv_bias_residual(x, w, bias, residual)
     ref = conv_bias_residual_once(x, w, bias, residual)

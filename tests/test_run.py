@@ -249,7 +249,8 @@ def test_a_run_whose_workers_all_die_fails_and_a_rerun_completes_it(tmp_path, sm
     summary = run(small_genome, out, ray_address, outputs="dnase:128")
     assert summary.status == "failed" and "every model worker died" in summary.error
     assert read_json(out / "manifest.json")["status"] == "failed"
-    assert {w.status for w in read_windows_table(out)} >= {"done", "pending"}
+    statuses = {w.status for w in read_windows_table(out)}
+    assert "done" in statuses and statuses & {"pending", "failed"}  # some written, the rest left to the rerun
     monkeypatch.undo()
     summary = run(small_genome, out, ray_address, outputs="dnase:128")
     assert summary.status == "complete" and summary.computed
