@@ -10,7 +10,8 @@
 - `conv_bias_residual`: a SAME-padded 1D convolution plus its bias and the block's residual, rounded
   where XLA rounds them for the official model: on a GPU once (XLA hands conv + bias + residual to
   cuDNN as one fused call, `__cudnn$convBiasActivationForward` with a side input), on the CPU after
-  each op. On CUDA in bf16 it runs `_conv_fwd`, an implicit-GEMM Triton kernel with that epilogue.
+  each op. On CUDA in bf16 it runs an implicit-GEMM Triton kernel with that epilogue (`_conv_fwd_tma`,
+  its tiles loaded by TMA, on Hopper and later; `_conv_fwd` through pointers elsewhere).
 """
 
 from __future__ import annotations
@@ -362,7 +363,18 @@ def _conv_kernel():
     return _conv_fwd, _conv_fwd_tma
 
 
+def _uses_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """TMA loads: asked for, a card that has them (compute capability 9+; Triton's CPU interpreter
+    takes descriptors too), and the 16-byte aligned rows and base addresses a descriptor needs."""
+    return (
+        bool(TRITON_CONV_CONFIG.get("TMA")) and (not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] >= 9)
+        and x.stride(0) % 8 == 0 and x.stride(1) % 8 == 0 and weight.stride(0) % 8 == 0
+        and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+    )
+
+
 def _launch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """Runs the convolution kernel (TMA or pointer loads) with TRITON_CONV_CONFIG's tiles."""
     cfg = TRITON_CONV_CONFIG
     bsz, s, c_in = x.shape
     c_out, _, _, width = weight.shape
@@ -373,7 +385,7 @@ def _launch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, resi
     pointers, tma = _conv_kernel()
     tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     c_res = res.shape[-1] if residual is not None else 0
-    if cfg.get("TMA"):
+    if _uses_tma(x, weight):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, cfg["BLOCK_M"], cfg["BLOCK_K"]])
