@@ -297,7 +297,7 @@ def _conv_kernel():
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        x_base = x_ptr + b * stride_xb
+        x_base = x_ptr + b.to(tl.int64) * stride_xb  # b * stride passes 2^31 from the 7th window of 524,288 x 768
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         blocks = tl.cdiv(c_in, BLOCK_K)
         for i in range(0, WIDTH * blocks):
@@ -317,11 +317,11 @@ def _conv_kernel():
         in_seq = offs_m[:, None] < seq_len
         if HAS_RES:
             r = tl.load(
-                r_ptr + b * stride_rb + offs_m[:, None] * stride_rs + offs_n[None, :],
+                r_ptr + b.to(tl.int64) * stride_rb + offs_m[:, None] * stride_rs + offs_n[None, :],
                 mask=in_seq & (offs_n[None, :] < c_res), other=0.0,
             )
             acc += r.to(tl.float32)
-        out = out_ptr + b * stride_ob + offs_m[:, None] * stride_os + offs_n[None, :]
+        out = out_ptr + b.to(tl.int64) * stride_ob + offs_m[:, None] * stride_os + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=in_seq & (offs_n[None, :] < c_out))
 
     @triton.jit
@@ -353,11 +353,11 @@ def _conv_kernel():
         in_seq = offs_m[:, None] < seq_len
         if HAS_RES:
             r = tl.load(
-                r_ptr + b * stride_rb + offs_m[:, None] * stride_rs + offs_n[None, :],
+                r_ptr + b.to(tl.int64) * stride_rb + offs_m[:, None] * stride_rs + offs_n[None, :],
                 mask=in_seq & (offs_n[None, :] < c_res), other=0.0,
             )
             acc += r.to(tl.float32)
-        out = out_ptr + b * stride_ob + offs_m[:, None] * stride_os + offs_n[None, :]
+        out = out_ptr + b.to(tl.int64) * stride_ob + offs_m[:, None] * stride_os + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=in_seq & (offs_n[None, :] < c_out))
 
     return _conv_fwd, _conv_fwd_tma
