@@ -430,9 +430,7 @@ def conv_bias_residual_once(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     float32, and in TF32), rounded once to x's dtype."""
     y = F.conv2d(x.float().permute(0, 2, 1)[:, :, None, :], weight.float(), padding=(0, weight.shape[-1] // 2))
     y = y[:, :, 0, :].permute(0, 2, 1) + bias.float()
-    if residual is not None:
-        y = y + F.pad(residual.float(), (0, y.shape[-1] - residual.shape[-1]))
-    return y.to(x.dtype)
+    return (y if residual is None else y + padded(residual.float(), y.shape[-1])).to(x.dtype)
 
 
 def conv_bias_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -441,15 +439,18 @@ def conv_bias_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     model on x's device: once on a GPU (cuDNN's fused conv-bias-side-input), after each op on the CPU."""
     if not x.is_cuda:
         y = conv_bsc(x, weight) + bias
-        if residual is None:
-            return y
-        return y + (residual if residual.shape[-1] == y.shape[-1] else F.pad(residual, (0, y.shape[-1] - residual.shape[-1])))
+        return y if residual is None else y + padded(residual, y.shape[-1])
     if x.dtype == torch.float32:
         return conv_bias_residual_once(x, weight, bias, residual)
     if GPU_CONV == "triton" and _conv_fits(x, weight, bias, residual) and triton_available():
         return torch.ops.agpipe.conv_bias_residual(x, weight, bias, residual)
     y = conv_bsc(x, weight).float() + bias.float()
-    return (y if residual is None else y + F.pad(residual.float(), (0, y.shape[-1] - residual.shape[-1]))).to(x.dtype)
+    return (y if residual is None else y + padded(residual.float(), y.shape[-1])).to(x.dtype)
+
+
+def padded(residual: torch.Tensor, channels: int) -> torch.Tensor:
+    """A residual with zero channels appended up to `channels` (an encoder block widens its input)."""
+    return residual if residual.shape[-1] == channels else F.pad(residual, (0, channels - residual.shape[-1]))
 
 
 def conv_bsc(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
