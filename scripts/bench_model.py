@@ -112,7 +112,9 @@ def kernel_summary(fn) -> dict:
     families: dict[str, float] = {}
     for e in events:
         n = e.key
-        family = ("convolution" if "fprop" in n or "conv" in n else "attention" if n.startswith("triton_tem") or "mha_fwd" in n else
+        # Inductor's kernels first: they are named after the ops they fuse, "conv_bias_residual" among them
+        family = ("fused elementwise (triton)" if n.startswith(("triton_poi", "triton_per", "triton_red")) else
+                  "convolution" if "fprop" in n or "conv" in n else "attention" if n.startswith("triton_tem") or "mha_fwd" in n else
                   "gemm" if any(t in n for t in ("gemm", "nvjet", "cutlass", "xmma")) else "fused elementwise (triton)" if n.startswith("triton") else "other")
         families[family] = families.get(family, 0.0) + e.device_time_total / 1e3
     top = [{"ms": e.device_time_total / 1e3, "count": e.count, "kernel": e.key[:200]} for e in sorted(events, key=lambda e: -e.device_time_total)[:40]]
@@ -192,6 +194,8 @@ def main() -> None:
                     f"{', '.join(k for k in ATTENTION_KERNELS if k != 'reference')} (default: the fast path's)")
     ap.add_argument("--gpu-conv", default=kernels.GPU_CONV, help="the fast path's convolutions, comma-separated, from triton (rounded "
                     "once, as XLA), cudnn (cuDNN, bias and residual added after its rounding); see kernels.GPU_CONV")
+    ap.add_argument("--conv-config", default="", help="variants of kernels.TRITON_CONV_CONFIG to compare, ';'-separated JSON "
+                    'objects merged into it, e.g. \'{};{"PERSISTENT": true}\' (default: the configuration as it is)')
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="print the fast path's top CUDA kernels")
@@ -206,6 +210,7 @@ def main() -> None:
     tensors = official_to_ours(params, state, OFFICIAL)
     metadata = synthetic_metadata(OFFICIAL)
     impls = args.impls.split(",")
+    default_conv = dict(kernels.TRITON_CONV_CONFIG)
     rows = []
     for length, outputs_name in parse_cases(args.cases):
         outputs = OUTPUT_SETS[outputs_name]
@@ -221,9 +226,12 @@ def main() -> None:
             if "fast" in impls:
                 for mode in args.compile_mode.split(","):
                     for conv in args.gpu_conv.split(","):
-                        kernels.GPU_CONV = conv
-                        name = f"fast-bf16-{attention}-{mode}" + ("" if conv == "triton" else f"-{conv}-conv")
-                        results.append(bench_torch(name, length, outputs, tensors, metadata, BFLOAT16, attention, mode, args.warmup, args.runs, args.profile))
+                        for variant in args.conv_config.split(";"):
+                            kernels.GPU_CONV = conv
+                            kernels.TRITON_CONV_CONFIG = {**default_conv, **json.loads(variant or "{}")}
+                            name = f"fast-bf16-{attention}-{mode}" + ("" if conv == "triton" else f"-{conv}-conv") + (f"-conv{variant}" if variant.strip("{} ") else "")
+                            results.append(bench_torch(name, length, outputs, tensors, metadata, BFLOAT16, attention, mode, args.warmup, args.runs, args.profile))
+                        kernels.TRITON_CONV_CONFIG = default_conv
         if "jax" in impls:
             results.append(bench_jax(length, outputs_name, params, state, metadata, args.warmup, args.runs))
         gc.collect()  # the models of this case are gone: hand their memory back before the next case

@@ -27,6 +27,7 @@ from agpipe.model.kernels import (  # noqa: E402
     ATTENTION_KERNELS,
     conv_bias_residual,
     conv_bias_residual_once,
+    conv_bsc,
     flex_mha,
     triton_mha,
 )
@@ -172,18 +173,41 @@ def assert_rounding_apart(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert (out == ref).float().mean() > 0.99 and (diff <= (ref.float().abs() + scale) * 2**-7).all(), diff.max()
 
 
-@pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize(("s", "c_in", "c_out", "c_res"), [(70, 96, 80, 64), (40, 64, 64, 64)])
-def test_conv_kernel_matches_its_reference(s, c_in, c_out, c_res, tma, monkeypatch):
+@pytest.mark.parametrize("loads", ["pointers", "tma", "tma-persistent"])
+@pytest.mark.parametrize(("s", "c_in", "c_out", "c_res"), [(70, 96, 80, 64), (40, 64, 64, 64), (600, 64, 320, 200)])
+def test_conv_kernel_matches_its_reference(s, c_in, c_out, c_res, loads, monkeypatch):
     """Sequence edges (SAME padding), channel counts off the tiles, a residual narrower than the
-    output and not contiguous; tiles loaded through pointers or tensor descriptors (TMA)."""
-    monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "TMA", tma)
+    output and not contiguous; tiles loaded through pointers or tensor descriptors (TMA), by a
+    program per tile or by persistent programs that walk several tiles each (the last case: 18
+    tiles, 4 programs in the interpreter)."""
+    monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "TMA", loads != "pointers")
+    monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "PERSISTENT", loads == "tma-persistent")
     x, w, bias, residual = conv_inputs(s, c_in, c_out, c_res, seed=s)
     out = torch.ops.agpipe.conv_bias_residual(x, w, bias, residual)
     ref = conv_bias_residual_once(x, w, bias, residual)
     assert out.shape == (2, s, c_out) and out.dtype == torch.bfloat16
     assert_rounding_apart(out, ref)
     assert_rounding_apart(torch.ops.agpipe.conv_bias_residual(x, w, bias, None), conv_bias_residual_once(x, w, bias))
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_pointwise_conv_kernel_is_the_dna_embedders_gemm(tma, monkeypatch):
+    """Width 1, 64 input channels (the DNA embedder's 16 taps x 4 bases), no residual: the float32
+    GEMM plus bias, rounded once; also from the embedder's overlapping windows (a view, rows 8 bytes
+    apart, which a tensor descriptor cannot take)."""
+    monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "TMA", tma)
+    x, w, bias, _ = conv_inputs(300, 64, 96, 1, seed=3)
+    w = w[..., 2:3]
+    out = conv_bias_residual(x, w, bias) if not INTERPRET else torch.ops.agpipe.conv_bias_residual(x, w, bias, None)
+    ref = (conv_bsc(x.float(), w.float()) + bias.float()).to(torch.bfloat16)
+    assert out.shape == (2, 300, 96)
+    assert_rounding_apart(out, ref)
+    one_hot = F.one_hot(torch.randint(0, 4, (2, 300), generator=torch.Generator().manual_seed(4)), 4).bfloat16().to(DEVICE)
+    windows = F.pad(one_hot, (0, 0, 7, 8)).unfold(1, 16, 1).transpose(2, 3).reshape(2, 300, 64)
+    assert windows.stride(1) == 4
+    out = torch.ops.agpipe.conv_bias_residual(windows, w, bias, None)
+    assert_rounding_apart(out, torch.ops.agpipe.conv_bias_residual(windows.contiguous(), w, bias, None))
+    assert_rounding_apart(out, (conv_bsc(windows.float(), w.float()) + bias.float()).to(torch.bfloat16))
 
 
 @pytest.mark.skipif(INTERPRET, reason="needs CUDA")
@@ -194,6 +218,18 @@ def test_conv_kernel_at_the_models_widths_on_gpu():
     ref = conv_bias_residual_once(x, w, bias, residual)
     assert_rounding_apart(out, ref)
     assert torch.equal(out, torch.ops.agpipe.conv_bias_residual(x, w, bias, residual))
+
+
+@pytest.mark.skipif(INTERPRET, reason="needs CUDA")
+def test_conv_kernel_past_two_to_the_31_elements_on_gpu():
+    """A batch of 8 windows of 524,288 x 768 (3.2e9 elements): the last window computed in the batch
+    equals it computed alone (the kernel's batch offsets need int64 from the 7th window on)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 524288, 768, device=DEVICE, dtype=torch.bfloat16)
+    w = (torch.randn(768, 768, 1, 5, device=DEVICE) / 62).bfloat16().contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(768, device=DEVICE, dtype=torch.bfloat16)
+    out = torch.ops.agpipe.conv_bias_residual(x, w, bias, x)
+    assert torch.equal(out[7], torch.ops.agpipe.conv_bias_residual(x[7:].clone(), w, bias, x[7:].clone())[0])
 
 
 def test_conv_kernel_under_torch_compile():

@@ -11,7 +11,9 @@
   where XLA rounds them for the official model: on a GPU once (XLA hands conv + bias + residual to
   cuDNN as one fused call, `__cudnn$convBiasActivationForward` with a side input), on the CPU after
   each op. On CUDA in bf16 it runs an implicit-GEMM Triton kernel with that epilogue (`_conv_fwd_tma`,
-  its tiles loaded by TMA, on Hopper and later; `_conv_fwd` through pointers elsewhere).
+  its tiles loaded by TMA, on Hopper and later; `_conv_fwd` through pointers elsewhere). The DNA
+  embedder's GEMM runs through it as a pointwise (width 1) convolution of overlapping windows (rows
+  8 bytes apart, which only the pointer kernel reads: no TMA descriptor takes them).
 """
 
 from __future__ import annotations
@@ -261,7 +263,8 @@ def matmul_f32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.float(), w.float())
 
 
-# Tiles of the convolution kernel (scripts/bench_kernels.py --conv sweeps them); TMA: `_conv_fwd_tma`.
+# Tiles of the convolution kernel (scripts/bench_kernels.py --conv sweeps them); TMA: `_conv_fwd_tma`;
+# PERSISTENT (with TMA): `_conv_fwd_persistent`, swept but not yet measured on a GPU.
 # H100, 2026-11-27, the model's 27 convolutions at 524,288 bp: 42.1 ms with these (~630 TFLOP/s),
 # 51.8 ms for the best tiles loaded through pointers, 40.0 ms for cuDNN's convolutions alone.
 TRITON_CONV_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True}
@@ -360,7 +363,39 @@ def _conv_kernel():
         out = out_ptr + b.to(tl.int64) * stride_ob + offs_m[:, None] * stride_os + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=in_seq & (offs_n[None, :] < c_out))
 
-    return _conv_fwd, _conv_fwd_tma
+    @triton.jit
+    def _conv_fwd_persistent(
+        x_desc, w_desc, r_desc, out_desc, b_ptr,
+        batch, seq_len, c_in, c_out,
+        WIDTH: tl.constexpr, HAS_RES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROGRAMS: tl.constexpr,
+    ):
+        """`_conv_fwd_tma` as a persistent kernel: PROGRAMS programs (one per SM) walk the output
+        tiles (channel block fastest, as `_conv_fwd_tma`'s grid), the tap and channel loop flattened
+        into the tile loop so that the pipeline loads the next tile's operands during this tile's
+        epilogue; the residual read and the output written through descriptors (zeros past the
+        residual's channels, rows past the sequence's end not written)."""
+        tiles_n = tl.cdiv(c_out, BLOCK_N)
+        tiles_m = tl.cdiv(seq_len, BLOCK_M)
+        blocks = tl.cdiv(c_in, BLOCK_K)
+        for tile in tl.range(tl.program_id(0), tiles_n * tiles_m * batch, PROGRAMS, flatten=True):
+            pid_n = tile % tiles_n
+            pid_m = (tile // tiles_n) % tiles_m
+            b = tile // (tiles_n * tiles_m)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for i in range(0, WIDTH * blocks):
+                tap = i // blocks
+                c = (i % blocks) * BLOCK_K
+                a = x_desc.load([b, pid_m * BLOCK_M + tap - WIDTH // 2, c]).reshape(BLOCK_M, BLOCK_K)
+                w = w_desc.load([pid_n * BLOCK_N, tap * c_in + c])
+                acc = tl.dot(a, w.T, acc)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < c_out, other=0.0).to(tl.float32)[None, :]
+            if HAS_RES:
+                acc += r_desc.load([b, pid_m * BLOCK_M, pid_n * BLOCK_N]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
+            out_desc.store([b, pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
+
+    return _conv_fwd, _conv_fwd_tma, _conv_fwd_persistent
 
 
 def _uses_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -382,7 +417,7 @@ def _launch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, resi
     out = torch.empty(bsz, s, c_out, device=x.device, dtype=x.dtype)
     res = residual if residual is not None else out  # not read without HAS_RES
     grid = (-(-c_out // cfg["BLOCK_N"]), -(-s // cfg["BLOCK_M"]), bsz)
-    pointers, tma = _conv_kernel()
+    pointers, tma, persistent = _conv_kernel()
     tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     c_res = res.shape[-1] if residual is not None else 0
     if _uses_tma(x, weight):
@@ -390,6 +425,16 @@ def _launch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, resi
 
         x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, cfg["BLOCK_M"], cfg["BLOCK_K"]])
         w_desc = TensorDescriptor(weight, [c_out, width * c_in], [weight.stride(0), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+        if cfg.get("PERSISTENT") and _uses_tma(out, weight) and (residual is None or _uses_tma(res, weight)):
+            tile = [1, cfg["BLOCK_M"], cfg["BLOCK_N"]]
+            out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), tile)
+            r_desc = TensorDescriptor(res, list(res.shape), list(res.stride()), tile)
+            programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+            persistent[(min(programs, grid[0] * grid[1] * grid[2]),)](
+                x_desc, w_desc, r_desc, out_desc, bias, bsz, s, c_in, c_out,
+                WIDTH=width, HAS_RES=residual is not None, PROGRAMS=programs, **tiles,
+            )
+            return out
         tma[grid](
             x_desc, w_desc, bias, res, out, s, c_in, c_out, c_res,
             res.stride(0), res.stride(1), out.stride(0), out.stride(1), WIDTH=width, HAS_RES=residual is not None, **tiles,
@@ -454,15 +499,9 @@ def padded(residual: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def conv_bsc(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """SAME-padded 1D convolution of a (B, S, C) tensor, as conv2d on its channels-last NCHW view."""
+    """SAME-padded 1D convolution of a (B, S, C) tensor, as conv2d on its channels-last NCHW view;
+    a pointwise one (width 1) as a matmul."""
+    if weight.shape[-1] == 1:
+        return x @ weight[:, :, 0, 0].t()
     y = F.conv2d(x.permute(0, 2, 1)[:, :, None, :], weight, padding=(0, weight.shape[-1] // 2))
     return y[:, :, 0, :].permute(0, 2, 1)
-
-
-def gemm_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x @ w + b rounded as XLA rounds a convolution and its bias (the DNA embedder's, run as a GEMM):
-    once on a GPU, after each op on the CPU."""
-    if x.is_cuda:
-        return (matmul_f32_out(x, w) + b.float()).to(x.dtype)
-    return x @ w + b
-

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agpipe.model.config import ModelConfig, central_mask_widths
-from agpipe.model.kernels import ATTENTION_KERNELS, gemm_bias
+from agpipe.model.kernels import ATTENTION_KERNELS, conv_bias_residual
 from agpipe.model.layers import (
     ConvBlock,
     LayerNorm,
@@ -33,15 +33,18 @@ class DnaEmbedder(nn.Module):
         # A zero 16th tap makes the GEMM's inner dimension 64 (60 left cuBLAS on an unaligned sm80 kernel)
         self.width, d_in, d_out = self.conv_w.shape
         w = F.pad(self.conv_w.to(dtype), (0, 0, 0, 0, 0, 1))
-        self.weight = nn.Parameter(w.reshape(-1, d_out), requires_grad=False)
+        # (out, in, 1, 1): the GEMM runs as a pointwise convolution, whose GPU kernel writes bf16 with the
+        # bias added before its one rounding (a cuBLAS GEMM wrote float32 for another pass to read)
+        self.weight = nn.Parameter(w.reshape(-1, d_out).t().contiguous()[:, :, None, None], requires_grad=False)
         del self.conv_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # 4 input channels are too few for a convolution kernel to use tensor cores: gather each
-        # position's 15-base window (and one base more, for the zero tap) and run one GEMM instead.
-        taps, half = self.weight.shape[0] // x.shape[-1], self.width // 2
+        # 4 input channels are too few for a convolution kernel to use tensor cores: read each
+        # position's 15-base window (and one base more, for the zero tap) as 64 channels and run one
+        # GEMM instead. The windows are a view (row i starts 4 values after row i - 1), not a copy.
+        taps, half = self.weight.shape[1] // x.shape[-1], self.width // 2
         windows = F.pad(x, (0, 0, half, taps - 1 - half)).unfold(1, taps, 1)  # (B, S, 4, taps)
-        x = gemm_bias(windows.transpose(2, 3).reshape(*x.shape[:2], -1), self.weight, self.conv_b)
+        x = conv_bias_residual(windows.transpose(2, 3).reshape(*x.shape[:2], -1), self.weight, self.conv_b)
         return self.block(x, residual=x)
 
 
