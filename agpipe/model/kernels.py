@@ -365,19 +365,21 @@ def _conv_kernel():
 
     @triton.jit
     def _conv_fwd_persistent(
-        x_desc, w_desc, r_desc, out_desc, b_ptr,
-        batch, seq_len, c_in, c_out,
+        x_desc, w_desc, b_ptr, r_ptr, out_ptr,
+        batch, seq_len, c_in, c_out, c_res,
+        stride_rb, stride_rs, stride_ob, stride_os,
         WIDTH: tl.constexpr, HAS_RES: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROGRAMS: tl.constexpr,
     ):
         """`_conv_fwd_tma` as a persistent kernel: PROGRAMS programs (one per SM) walk the output
         tiles (channel block fastest, as `_conv_fwd_tma`'s grid), the tap and channel loop flattened
         into the tile loop so that the pipeline loads the next tile's operands during this tile's
-        epilogue; the residual read and the output written through descriptors (zeros past the
-        residual's channels, rows past the sequence's end not written)."""
+        epilogue. The epilogue's tile comes from a counter of its own (not from the loop's tile), so
+        that it does not wait on the next tile's first loads."""
         tiles_n = tl.cdiv(c_out, BLOCK_N)
         tiles_m = tl.cdiv(seq_len, BLOCK_M)
         blocks = tl.cdiv(c_in, BLOCK_K)
+        done = tl.program_id(0) - PROGRAMS
         for tile in tl.range(tl.program_id(0), tiles_n * tiles_m * batch, PROGRAMS, flatten=True):
             pid_n = tile % tiles_n
             pid_m = (tile // tiles_n) % tiles_m
@@ -389,11 +391,20 @@ def _conv_kernel():
                 a = x_desc.load([b, pid_m * BLOCK_M + tap - WIDTH // 2, c]).reshape(BLOCK_M, BLOCK_K)
                 w = w_desc.load([pid_n * BLOCK_N, tap * c_in + c])
                 acc = tl.dot(a, w.T, acc)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            done += PROGRAMS
+            offs_n = (done % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_m = ((done // tiles_n) % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+            bb = (done // (tiles_n * tiles_m)).to(tl.int64)
             acc += tl.load(b_ptr + offs_n, mask=offs_n < c_out, other=0.0).to(tl.float32)[None, :]
+            in_seq = offs_m[:, None] < seq_len
             if HAS_RES:
-                acc += r_desc.load([b, pid_m * BLOCK_M, pid_n * BLOCK_N]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
-            out_desc.store([b, pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
+                r = tl.load(
+                    r_ptr + bb * stride_rb + offs_m[:, None] * stride_rs + offs_n[None, :],
+                    mask=in_seq & (offs_n[None, :] < c_res), other=0.0,
+                )
+                acc += r.to(tl.float32)
+            out = out_ptr + bb * stride_ob + offs_m[:, None] * stride_os + offs_n[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=in_seq & (offs_n[None, :] < c_out))
 
     return _conv_fwd, _conv_fwd_tma, _conv_fwd_persistent
 
@@ -425,13 +436,11 @@ def _launch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, resi
 
         x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, cfg["BLOCK_M"], cfg["BLOCK_K"]])
         w_desc = TensorDescriptor(weight, [c_out, width * c_in], [weight.stride(0), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
-        if cfg.get("PERSISTENT") and _uses_tma(out, weight) and (residual is None or _uses_tma(res, weight)):
-            tile = [1, cfg["BLOCK_M"], cfg["BLOCK_N"]]
-            out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), tile)
-            r_desc = TensorDescriptor(res, list(res.shape), list(res.stride()), tile)
+        if cfg.get("PERSISTENT"):
             programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
             persistent[(min(programs, grid[0] * grid[1] * grid[2]),)](
-                x_desc, w_desc, r_desc, out_desc, bias, bsz, s, c_in, c_out,
+                x_desc, w_desc, bias, res, out, bsz, s, c_in, c_out, c_res,
+                res.stride(0), res.stride(1), out.stride(0), out.stride(1),
                 WIDTH=width, HAS_RES=residual is not None, PROGRAMS=programs, **tiles,
             )
             return out
