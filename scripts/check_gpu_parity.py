@@ -78,6 +78,22 @@ def jax_jit(fn):
 EVALUATIONS = {"op-by-op": op_by_op, "jit_exact": jax_reference.jit_exact, "jit": jax_jit}
 
 
+def bf16_contractions(ptx: str) -> dict[str, int]:
+    """Kernels of a PTX listing with a bf16 multiply and add fused into one instruction (`fma.rn.bf16`,
+    also its x2 form): the product is not rounded to bf16 before the add, where the policy rounds it.
+    LLVM makes them from float32 code of bf16 values when it may contract (Triton's default; see
+    docs/performance.md, "Numerics")."""
+    counts: dict[str, int] = {}
+    kernel = None
+    for line in ptx.splitlines():
+        line = line.strip()
+        if ".entry" in line:
+            kernel = line.split(".entry", 1)[1].split("(")[0].strip()
+        elif kernel and line.startswith("fma.rn.bf16"):
+            counts[kernel] = counts.get(kernel, 0) + 1
+    return counts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--length", type=int, default=524288)
@@ -88,7 +104,11 @@ def main() -> None:
                     "softmax normalized before its bf16 rounding: tells our attention kernel's share), compiled-cudnn-conv (compiled, "
                     "cuDNN's convolutions with bias and residual added after their rounding: kernels.GPU_CONV), float32 (our float32 model, TF32 off: the anchor that "
                     "every bf16 evaluation, ours and the references, is also compared with); the verdict is the first's")
+    ap.add_argument("--xla-dump", default=None, help="folder for XLA's dump of the references' compiled code (XLA_FLAGS "
+                    "--xla_dump_to); the report then lists the references' kernels with bf16 fused multiply-adds")
     args = ap.parse_args()
+    if args.xla_dump:  # read when JAX first starts its GPU backend, which nothing has done yet
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={args.xla_dump}".strip()
     references, candidates = args.references.split(","), args.ours.split(",")
     if unknown := set(references) - set(EVALUATIONS):
         raise SystemExit(f"unknown --references {', '.join(sorted(unknown))}: use {', '.join(EVALUATIONS)}")
@@ -147,6 +167,9 @@ def main() -> None:
                 compare(f"{name} vs float32", theirs, ours[candidate])
             else:
                 compare(f"{candidate} vs {name}", ours[candidate], theirs)
+    if args.xla_dump:
+        report["xla_bf16_contractions"] = {p.name: c for p in sorted(Path(args.xla_dump).glob("*.ptx")) if (c := bf16_contractions(p.read_text()))}
+        print(json.dumps({"xla_bf16_contractions": report["xla_bf16_contractions"]}, indent=1), flush=True)
     verdict = report[report["verdict"]]
     report["pass"] = all(verdict[k]["pearson"] >= limits[k] and verdict[k]["within_5e-2"] >= 0.95 and abs(verdict[k]["bias_z"]) <= 3 for k in limits)
     if args.out:
