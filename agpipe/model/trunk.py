@@ -30,7 +30,7 @@ class DnaEmbedder(nn.Module):
         self.block = ConvBlock(c, c, cfg.conv_kernel)
 
     def fold_(self, dtype: torch.dtype) -> None:
-        # A zero 16th tap makes the GEMM's inner dimension 64 (60 left cuBLAS on an unaligned sm80 kernel)
+        # A zero 16th tap makes the GEMM's inner dimension 64: one channel block of the convolution kernel
         self.width, d_in, d_out = self.conv_w.shape
         w = F.pad(self.conv_w.to(dtype), (0, 0, 0, 0, 0, 1))
         # (out, in, 1, 1): the GEMM runs as a pointwise convolution, whose GPU kernel writes bf16 with the
