@@ -16,6 +16,12 @@ On the CPU at full size (4,096 bp) our compiled model against the op-by-op refer
 0.99992 and |z| <= 2.3, against jit_exact a pair bias of z -8.4 that the two references also show
 between themselves. Each reference's result is printed (and the JSON rewritten) as it comes.
 
+`--windows N` evaluates N random sequences (seeds 1..N) in the same process. A bias is judged
+systematic only when every window shows it, significant (|z| > 3) and in the same direction: within
+one window the differences of the 128 bp and pair embeddings all pass through the transformer, which
+mixes every position with every other, so a window's bias z can be large for one input's roundings;
+a bias of the implementation shows on every input, with one sign. One window: the plain |z| <= 3 test.
+
     python scripts/check_gpu_parity.py --length 524288 --ours compiled,eager --out benchmarks/results/parity-gpu.json
 """
 
@@ -75,28 +81,19 @@ def jax_jit(fn):
     return jax.jit(fn)
 
 
+def systematic_bias(z: list[float]) -> bool:
+    """Whether the windows' bias z values show a bias of the implementation: significant (|z| > 3)
+    in every window, all in one direction (see the module's docstring)."""
+    return all(v > 3 for v in z) or all(v < -3 for v in z)
+
+
 EVALUATIONS = {"op-by-op": op_by_op, "jit_exact": jax_reference.jit_exact, "jit": jax_jit}
-
-
-def bf16_contractions(ptx: str) -> dict[str, int]:
-    """Kernels of a PTX listing with a bf16 multiply and add fused into one instruction (`fma.rn.bf16`,
-    also its x2 form): the product is not rounded to bf16 before the add, where the policy rounds it.
-    LLVM makes them from float32 code of bf16 values when it may contract (Triton's default; see
-    docs/performance.md, "Numerics")."""
-    counts: dict[str, int] = {}
-    kernel = None
-    for line in ptx.splitlines():
-        line = line.strip()
-        if ".entry" in line:
-            kernel = line.split(".entry", 1)[1].split("(")[0].strip()
-        elif kernel and line.startswith("fma.rn.bf16"):
-            counts[kernel] = counts.get(kernel, 0) + 1
-    return counts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--length", type=int, default=524288)
+    ap.add_argument("--windows", type=int, default=1, help="random sequences compared, seeds 1..N (see the bias rule above)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--references", default="jit_exact,jit", help="comma-separated, from op-by-op, jit_exact, jit; the verdict is against the first")
     ap.add_argument("--ours", default="compiled", help="comma-separated, from compiled (the fast path), eager (the same bf16 model run op by op, "
@@ -104,11 +101,7 @@ def main() -> None:
                     "softmax normalized before its bf16 rounding: tells our attention kernel's share), compiled-cudnn-conv (compiled, "
                     "cuDNN's convolutions with bias and residual added after their rounding: kernels.GPU_CONV), float32 (our float32 model, TF32 off: the anchor that "
                     "every bf16 evaluation, ours and the references, is also compared with); the verdict is the first's")
-    ap.add_argument("--xla-dump", default=None, help="folder for XLA's dump of the references' compiled code (XLA_FLAGS "
-                    "--xla_dump_to); the report then lists the references' kernels with bf16 fused multiply-adds")
     args = ap.parse_args()
-    if args.xla_dump:  # read when JAX first starts its GPU backend, which nothing has done yet
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={args.xla_dump}".strip()
     references, candidates = args.references.split(","), args.ours.split(",")
     if unknown := set(references) - set(EVALUATIONS):
         raise SystemExit(f"unknown --references {', '.join(sorted(unknown))}: use {', '.join(EVALUATIONS)}")
@@ -120,7 +113,7 @@ def main() -> None:
 
     params, state = random_official_tree(OFFICIAL, seed=0)
     metadata = synthetic_metadata(OFFICIAL)
-    x = np.eye(4, dtype=np.float32)[np.random.default_rng(1).integers(0, 4, (1, args.length))]
+    windows = [np.eye(4, dtype=np.float32)[np.random.default_rng(seed).integers(0, 4, (1, args.length))] for seed in range(1, args.windows + 1)]
 
     tensors = official_to_ours(params, state, OFFICIAL)
     heads = {o.head for o in ALL_OUTPUTS}
@@ -135,9 +128,11 @@ def main() -> None:
         model = model.cuda().eval()
         kernels.GPU_CONV = "cudnn" if name == "compiled-cudnn-conv" else "triton"
         embed = torch.compile(model.embed, dynamic=False, options=compile_options()) if name.startswith("compiled") else model.embed
+        ours[name] = []
         with torch.inference_mode():
-            emb = embed(torch.from_numpy(x).cuda())
-            ours[name] = {"1bp": emb.e1.float().cpu().numpy(), "128bp": emb.e128.float().cpu().numpy(), "pair": emb.pair.float().cpu().numpy()}
+            for x in windows:
+                emb = embed(torch.from_numpy(x).cuda())
+                ours[name].append({"1bp": emb.e1.float().cpu().numpy(), "128bp": emb.e128.float().cpu().numpy(), "pair": emb.pair.float().cpu().numpy()})
         kernels.GPU_CONV = "triton"
         del emb, embed, model  # the compiled function holds the model: both go before the next one, or JAX, needs the card
         torch.cuda.empty_cache()
@@ -145,33 +140,38 @@ def main() -> None:
     means = {h: np.stack([metadata.head_tracks(o, h).nonzero_mean for o in (0, 1)]) for h, s in HEADS.items() if s.kind == "tracks"}
     tissues = np.array([metadata.real_track_count(o, "splice_sites_junction") for o in (0, 1)])
     forward = lambda p, s, seq: jax_reference.forward(p, s, seq, np.zeros(1, np.int32), track_means=means, junction_tissues=tissues, precision="bfloat16")[1]  # noqa: E731
-    report = {"length": args.length, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "jax": jax.__version__,
+    report = {"length": args.length, "windows": args.windows, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "jax": jax.__version__,
               "verdict": f"{candidates[0]} vs {references[0]}"}
     limits = {"1bp": 0.9999, "128bp": 0.9999, "pair": 0.999}
 
-    def compare(label: str, a: dict, b: dict) -> None:
-        report[label] = {k: criteria(a[k], b[k], 128 if k == "1bp" else 1) for k in a}
-        print(json.dumps({label: report[label]}, indent=1), flush=True)
+    def compare(label: str, window: int, a: dict, b: dict) -> None:
+        results = report.setdefault(label, {k: [] for k in a})
+        for k in a:
+            results[k].append(criteria(a[k], b[k], 128 if k == "1bp" else 1))
+        print(json.dumps({label: {"window": window + 1, **{k: v[-1] for k, v in results.items()}}}, indent=1), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
 
-    for i, a in enumerate(candidates):
-        for b in candidates[i + 1:]:
-            compare(f"{a} vs {b}", ours[a], ours[b])
+    for w in range(args.windows):
+        for i, a in enumerate(candidates):
+            for b in candidates[i + 1:]:
+                compare(f"{a} vs {b}", w, ours[a][w], ours[b][w])
     for name in references:
-        ref = {k: np.asarray(v.astype("float32")) for k, v in EVALUATIONS[name](forward)(params, state, x).items()}
-        theirs = {"1bp": ref["embeddings_1bp"], "128bp": ref["embeddings_128bp"], "pair": ref["embeddings_pair"]}
-        del ref
-        for candidate in candidates:
-            if candidate == "float32":  # the anchor: how far the reference's own bf16 roundings take it from float32
-                compare(f"{name} vs float32", theirs, ours[candidate])
-            else:
-                compare(f"{candidate} vs {name}", ours[candidate], theirs)
-    if args.xla_dump:
-        report["xla_bf16_contractions"] = {p.name: c for p in sorted(Path(args.xla_dump).glob("*.ptx")) if (c := bf16_contractions(p.read_text()))}
-        print(json.dumps({"xla_bf16_contractions": report["xla_bf16_contractions"]}, indent=1), flush=True)
+        evaluate = EVALUATIONS[name](forward)
+        for w, x in enumerate(windows):
+            ref = {k: np.asarray(v.astype("float32")) for k, v in evaluate(params, state, x).items()}
+            theirs = {"1bp": ref["embeddings_1bp"], "128bp": ref["embeddings_128bp"], "pair": ref["embeddings_pair"]}
+            del ref
+            for candidate in candidates:
+                if candidate == "float32":  # the anchor: how far the reference's own bf16 roundings take it from float32
+                    compare(f"{name} vs float32", w, theirs, ours[candidate][w])
+                else:
+                    compare(f"{candidate} vs {name}", w, ours[candidate][w], theirs)
     verdict = report[report["verdict"]]
-    report["pass"] = all(verdict[k]["pearson"] >= limits[k] and verdict[k]["within_5e-2"] >= 0.95 and abs(verdict[k]["bias_z"]) <= 3 for k in limits)
+    report["pass"] = all(
+        all(r["pearson"] >= limits[k] and r["within_5e-2"] >= 0.95 for r in verdict[k]) and not systematic_bias([r["bias_z"] for r in verdict[k]])
+        for k in limits
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"verdict, {report['verdict']}: {'pass' if report['pass'] else 'FAIL'}")
