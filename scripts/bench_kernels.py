@@ -1,7 +1,8 @@
 """Micro-benchmarks behind the fast path's design choices (one GPU): convolution layouts and the
 fused attention kernels (FlexAttention, the hand-written Triton one) against the reference attention.
 Prints one line per variant; --triton-configs sweeps the Triton attention kernel's tiles instead,
---conv [--out FILE.json] the Triton convolution's tiles over the model's convolutions against cuDNN."""
+--conv [--out FILE.json] the Triton convolution's tiles over the model's convolutions against cuDNN,
+--head-transforms [--out FILE.json] what the 1 bp RNA-seq head's math after its GEMM costs, step by step."""
 
 from __future__ import annotations
 
@@ -210,6 +211,46 @@ def conv_kernel(out: str | None) -> None:
         Path(out).write_text(json.dumps(summary, indent=1))
 
 
+def head_transforms(out: str | None) -> None:
+    """The 1 bp RNA-seq head after its GEMM (524,288 x 667 float32 logits -> bf16 data-space
+    predictions), compiled as in the model, against cheaper forms of the same math: where the heads'
+    elementwise time goes (the profile calls it computation, not memory)."""
+    from agpipe.model.heads import SOFT_CLIP, to_data_space
+    from agpipe.model.precision import compile_options
+
+    logits = torch.randn(1, 524288, 667, device="cuda") * 3
+    scale, means = torch.rand(667, device="cuda") + 0.5, torch.rand(667, device="cuda") * 10
+
+    def model_space(x):
+        return F.softplus(x) * F.softplus(scale)
+
+    def powf_power(x):
+        y = model_space(x)
+        y = torch.where(y > SOFT_CLIP, (y + SOFT_CLIP) ** 2 / (4 * SOFT_CLIP), y)
+        return y ** (1.0 / 0.75) * (means * 1)
+
+    variants = {
+        "bf16 copy (memory floor)": lambda x: x.to(torch.bfloat16),
+        "softplus x softplus(scale)": lambda x: model_space(x).to(torch.bfloat16),
+        "+ soft clip, the power as exp2(log2(x) / 0.75), means (the model)": lambda x: to_data_space(model_space(x), means, 1, True).to(torch.bfloat16),
+        "the same, the power as x ** (1/0.75) (powf, the official form)": lambda x: powf_power(x).to(torch.bfloat16),
+    }
+    expected = variants["+ soft clip, the power as exp2(log2(x) / 0.75), means (the model)"](logits).float()
+    rows = []
+    for name, fn in variants.items():
+        compiled = torch.compile(fn, dynamic=False, options=compile_options())
+        y = compiled(logits)
+        t = back_to_back_ms(lambda: compiled(logits), calls=5)
+        rel = ((y.float() - expected).abs() / expected.abs().clamp_min(1e-6)).max().item()
+        rows.append({"variant": name, "ms": t, "max_relative_difference_to_model_eager": rel})
+        print(f"head transform {name}: {t:.3f} ms ({logits.numel() / t / 1e6:.0f} G values/s); max rel diff to the model's math run eagerly {rel:.1e}", flush=True)
+    if out:
+        import json
+
+        summary = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "logits": list(logits.shape), "variants": rows}
+        Path(out).write_text(json.dumps(summary, indent=1))
+
+
 def attention() -> None:
     for s in (4096, 8192):
         q, k, v, bias = attention_inputs(s)
@@ -238,6 +279,8 @@ if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__)
     if "--triton-configs" in sys.argv:
         triton_configs()
+    elif "--head-transforms" in sys.argv:
+        head_transforms(sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None)
     elif "--conv" in sys.argv:
         conv_kernel(sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None)
     else:
