@@ -6,7 +6,8 @@ official bf16 policy), for the cases of the performance issue. One process, one 
 
 Prints a table (ms per window, TFLOP/s, % of the measured bf16 matmul ceiling, peak GiB, first-call
 seconds) and writes JSON to benchmarks/results/. Random official-size weights, one random one-hot
-sequence, batch 1, outputs kept on the GPU, median of warm runs timed with CUDA events.
+sequence, batch 1 (`--batch 1,2` also times the fast path on batches of windows: ms per window is
+then the call's time over the batch), outputs kept on the GPU, median of warm runs timed with CUDA events.
 """
 
 from __future__ import annotations
@@ -129,11 +130,11 @@ def print_kernel_summary(summary: dict) -> None:
     sys.stdout.flush()
 
 
-def bench_torch(name, length, outputs, tensors, metadata, precision, attention, compile_mode, warmup, runs, profile=False):
+def bench_torch(name, length, outputs, tensors, metadata, precision, attention, compile_mode, warmup, runs, profile=False, batch=1):
     configure_backends(precision)
     model = build(tensors, metadata, outputs, precision, attention, "cuda")
     fn = torch.compile(model, dynamic=False, options=compile_options(compile_mode)) if compile_mode else model
-    x = torch.nn.functional.one_hot(torch.randint(0, 4, (1, length), device="cuda"), 4).float()
+    x = torch.nn.functional.one_hot(torch.randint(0, 4, (batch, length), device="cuda"), 4).float()
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
         first, times, host = timed(lambda: fn(x), warmup, runs)
@@ -141,7 +142,8 @@ def bench_torch(name, length, outputs, tensors, metadata, precision, attention, 
         summary = kernel_summary(lambda: fn(x)) if profile else None
     if summary:
         print_kernel_summary(summary)
-    row = {"impl": name, "first_call_s": first, "ms": statistics.median(times), "ms_all": times, "host_ms": statistics.median(host), "peak_gib": peak}
+    call_ms = statistics.median(times)
+    row = {"impl": name, "batch": batch, "first_call_s": first, "ms": call_ms / batch, "ms_call": call_ms, "ms_all": times, "host_ms": statistics.median(host), "peak_gib": peak}
     return {**row, "profile": summary} if summary else row
 
 
@@ -198,6 +200,7 @@ def main() -> None:
                     'objects merged into it, e.g. \'{};{"PERSISTENT": true, "num_stages": 3}\' (default: the configuration as it is)')
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--batch", default="1", help="the fast path's windows per call, comma-separated (ms are per window)")
     ap.add_argument("--profile", action="store_true", help="print the fast path's top CUDA kernels")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/model-<card>-<time>.json)")
     args = ap.parse_args()
@@ -227,10 +230,12 @@ def main() -> None:
                 for mode in args.compile_mode.split(","):
                     for conv in args.gpu_conv.split(","):
                         for variant in args.conv_config.split(";"):
-                            kernels.GPU_CONV = conv
-                            kernels.TRITON_CONV_CONFIG = {**default_conv, **json.loads(variant or "{}")}
-                            name = f"fast-bf16-{attention}-{mode}" + ("" if conv == "triton" else f"-{conv}-conv") + (f"-conv{variant}" if variant.strip("{} ") else "")
-                            results.append(bench_torch(name, length, outputs, tensors, metadata, BFLOAT16, attention, mode, args.warmup, args.runs, args.profile))
+                            for batch in map(int, args.batch.split(",")):
+                                kernels.GPU_CONV = conv
+                                kernels.TRITON_CONV_CONFIG = {**default_conv, **json.loads(variant or "{}")}
+                                name = (f"fast-bf16-{attention}-{mode}" + ("" if conv == "triton" else f"-{conv}-conv")
+                                        + (f"-conv{variant}" if variant.strip("{} ") else "") + (f"-batch{batch}" if batch > 1 else ""))
+                                results.append(bench_torch(name, length, outputs, tensors, metadata, BFLOAT16, attention, mode, args.warmup, args.runs, args.profile, batch))
                         kernels.TRITON_CONV_CONFIG = default_conv
         if "jax" in impls:
             results.append(bench_jax(length, outputs_name, params, state, metadata, args.warmup, args.runs))
