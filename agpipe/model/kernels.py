@@ -264,7 +264,7 @@ def matmul_f32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 # Tiles of the convolution kernel (scripts/bench_kernels.py --conv sweeps them); TMA: `_conv_fwd_tma`;
-# PERSISTENT (with TMA): `_conv_fwd_persistent`, swept but not yet measured on a GPU.
+# PERSISTENT (with TMA): `_conv_fwd_persistent`, slower in the model (80.3 against 77.2 ms, H100, 2026-11-28).
 # H100, 2026-11-27, the model's 27 convolutions at 524,288 bp: 42.1 ms with these (~630 TFLOP/s),
 # 51.8 ms for the best tiles loaded through pointers, 40.0 ms for cuDNN's convolutions alone.
 TRITON_CONV_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True}
