@@ -227,7 +227,7 @@ def head_transforms(out: str | None) -> None:
     def powf_power(x):
         y = model_space(x)
         y = torch.where(y > SOFT_CLIP, (y + SOFT_CLIP) ** 2 / (4 * SOFT_CLIP), y)
-        return y ** (1.0 / 0.75) * (means * 1)
+        return y ** (1.0 / 0.75) * means
 
     variants = {
         "bf16 copy (memory floor)": lambda x: x.to(torch.bfloat16),
