@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agpipe.model.config import ModelConfig, central_mask_widths
-from agpipe.model.kernels import ATTENTION_KERNELS, conv_bias_residual
+from agpipe.model.kernels import ATTENTION_KERNELS, bmm_f32_out, conv_bias_residual
 from agpipe.model.layers import (
     ConvBlock,
     LayerNorm,
@@ -253,10 +253,13 @@ class RowAttention(nn.Module):
         self.v = Linear(f, f)
 
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        """Each row of the (B, P, P, F) map attends over its own P entries; both products accumulate in
+        float32 from bf16 operands (bf16 GEMMs on the GPU, not TF32 ones on upcast copies)."""
+        b, p, _, f = pair.shape
         x = self.norm(pair)
-        q, k, v = self.q(x), self.k(x), self.v(x)
-        w = torch.softmax(f32_logits(q, k) / math.sqrt(q.shape[-1]), dim=-1).to(attention_probs_dtype(v))
-        return torch.matmul(w.float(), v.float()).to(pair.dtype)
+        q, k, v = (proj(x).reshape(b * p, p, f) for proj in (self.q, self.k, self.v))
+        w = torch.softmax(bmm_f32_out(q, k.transpose(1, 2)) / math.sqrt(f), dim=-1).to(attention_probs_dtype(v))
+        return bmm_f32_out(w, v).to(pair.dtype).view(b, p, p, f)
 
 
 class PairMLP(nn.Module):
