@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -198,6 +199,8 @@ def main() -> None:
                     "once, as XLA), cudnn (cuDNN, bias and residual added after its rounding); see kernels.GPU_CONV")
     ap.add_argument("--conv-config", default="", help="variants of kernels.TRITON_CONV_CONFIG to compare, ';'-separated JSON "
                     'objects merged into it, e.g. \'{};{"PERSISTENT": true, "num_stages": 3}\' (default: the configuration as it is)')
+    ap.add_argument("--mha-config", default="", help="variants of kernels.TRITON_MHA_CONFIG (the attention kernel) to compare, "
+                    "';'-separated JSON objects merged into it, e.g. '{};{\"FAST_TANH\": true}'")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--batch", default="1", help="the fast path's windows per call, comma-separated (ms are per window)")
@@ -213,7 +216,7 @@ def main() -> None:
     tensors = official_to_ours(params, state, OFFICIAL)
     metadata = synthetic_metadata(OFFICIAL)
     impls = args.impls.split(",")
-    default_conv = dict(kernels.TRITON_CONV_CONFIG)
+    default_conv, default_mha = dict(kernels.TRITON_CONV_CONFIG), dict(kernels.TRITON_MHA_CONFIG)
     rows = []
     for length, outputs_name in parse_cases(args.cases):
         outputs = OUTPUT_SETS[outputs_name]
@@ -227,16 +230,19 @@ def main() -> None:
             if "eager-bf16" in impls:
                 results.append(bench_torch(f"eager-bf16-{attention}", length, outputs, tensors, metadata, BFLOAT16, attention, None, args.warmup, args.runs))
             if "fast" in impls:
-                for mode in args.compile_mode.split(","):
-                    for conv in args.gpu_conv.split(","):
-                        for variant in args.conv_config.split(";"):
-                            for batch in map(int, args.batch.split(",")):
-                                kernels.GPU_CONV = conv
-                                kernels.TRITON_CONV_CONFIG = {**default_conv, **json.loads(variant or "{}")}
-                                name = (f"fast-bf16-{attention}-{mode}" + ("" if conv == "triton" else f"-{conv}-conv")
-                                        + (f"-conv{variant}" if variant.strip("{} ") else "") + (f"-batch{batch}" if batch > 1 else ""))
-                                results.append(bench_torch(name, length, outputs, tensors, metadata, BFLOAT16, attention, mode, args.warmup, args.runs, args.profile, batch))
-                        kernels.TRITON_CONV_CONFIG = default_conv
+                variants = itertools.product(
+                    args.compile_mode.split(","), args.gpu_conv.split(","), args.conv_config.split(";"), args.mha_config.split(";"),
+                    map(int, args.batch.split(",")),
+                )
+                for mode, conv, conv_variant, mha_variant, batch in variants:
+                    kernels.GPU_CONV = conv
+                    kernels.TRITON_CONV_CONFIG = {**default_conv, **json.loads(conv_variant or "{}")}
+                    kernels.TRITON_MHA_CONFIG = {**default_mha, **json.loads(mha_variant or "{}")}
+                    name = (f"fast-bf16-{attention}-{mode}" + ("" if conv == "triton" else f"-{conv}-conv")
+                            + (f"-conv{conv_variant}" if conv_variant.strip("{} ") else "")
+                            + (f"-mha{mha_variant}" if mha_variant.strip("{} ") else "") + (f"-batch{batch}" if batch > 1 else ""))
+                    results.append(bench_torch(name, length, outputs, tensors, metadata, BFLOAT16, attention, mode, args.warmup, args.runs, args.profile, batch))
+                kernels.TRITON_CONV_CONFIG, kernels.TRITON_MHA_CONFIG = default_conv, default_mha
         if "jax" in impls:
             results.append(bench_jax(length, outputs_name, params, state, metadata, args.warmup, args.runs))
         gc.collect()  # the models of this case are gone: hand their memory back before the next case

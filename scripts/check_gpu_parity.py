@@ -99,14 +99,16 @@ def main() -> None:
     ap.add_argument("--ours", default="compiled", help="comma-separated, from compiled (the fast path), eager (the same bf16 model run op by op, "
                     "which tells Inductor's share of a difference from XLA's), eager-reference (eager with the reference attention, "
                     "softmax normalized before its bf16 rounding: tells our attention kernel's share), compiled-cudnn-conv (compiled, "
-                    "cuDNN's convolutions with bias and residual added after their rounding: kernels.GPU_CONV), float32 (our float32 model, TF32 off: the anchor that "
+                    "cuDNN's convolutions with bias and residual added after their rounding: kernels.GPU_CONV), compiled-fast-tanh (compiled, the attention "
+                    "kernel's soft-cap through tanh.approx: TRITON_MHA_CONFIG['FAST_TANH']), float32 (our float32 model, TF32 off: the anchor that "
                     "every bf16 evaluation, ours and the references, is also compared with); the verdict is the first's")
     args = ap.parse_args()
     references, candidates = args.references.split(","), args.ours.split(",")
     if unknown := set(references) - set(EVALUATIONS):
         raise SystemExit(f"unknown --references {', '.join(sorted(unknown))}: use {', '.join(EVALUATIONS)}")
-    if unknown := set(candidates) - {"compiled", "compiled-cudnn-conv", "eager", "eager-reference", "float32"}:
-        raise SystemExit(f"unknown --ours {', '.join(sorted(unknown))}: use compiled, compiled-cudnn-conv, eager, eager-reference, float32")
+    if unknown := set(candidates) - {"compiled", "compiled-cudnn-conv", "compiled-fast-tanh", "eager", "eager-reference", "float32"}:
+        raise SystemExit(f"unknown --ours {', '.join(sorted(unknown))}: use compiled, compiled-cudnn-conv, compiled-fast-tanh, eager, "
+                         "eager-reference, float32")
     if candidates[0] == "float32":
         raise SystemExit("--ours: float32 is the anchor, not the fast path: name compiled or eager first")
     import jax
@@ -118,6 +120,7 @@ def main() -> None:
     tensors = official_to_ours(params, state, OFFICIAL)
     heads = {o.head for o in ALL_OUTPUTS}
     ours = {}
+    default_mha = dict(kernels.TRITON_MHA_CONFIG)
     for name in candidates:
         precision = FLOAT32 if name == "float32" else BFLOAT16
         configure_backends(precision)
@@ -127,13 +130,14 @@ def main() -> None:
                        attention="reference" if name in ("float32", "eager-reference") else fast_attention("cuda"))
         model = model.cuda().eval()
         kernels.GPU_CONV = "cudnn" if name == "compiled-cudnn-conv" else "triton"
+        kernels.TRITON_MHA_CONFIG = {**default_mha, "FAST_TANH": name == "compiled-fast-tanh"}
         embed = torch.compile(model.embed, dynamic=False, options=compile_options()) if name.startswith("compiled") else model.embed
         ours[name] = []
         with torch.inference_mode():
             for x in windows:
                 emb = embed(torch.from_numpy(x).cuda())
                 ours[name].append({"1bp": emb.e1.float().cpu().numpy(), "128bp": emb.e128.float().cpu().numpy(), "pair": emb.pair.float().cpu().numpy()})
-        kernels.GPU_CONV = "triton"
+        kernels.GPU_CONV, kernels.TRITON_MHA_CONFIG = "triton", default_mha
         del emb, embed, model  # the compiled function holds the model: both go before the next one, or JAX, needs the card
         torch.cuda.empty_cache()
 
