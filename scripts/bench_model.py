@@ -198,7 +198,7 @@ def main() -> None:
     ap.add_argument("--gpu-conv", default=kernels.GPU_CONV, help="the fast path's convolutions, comma-separated, from triton (rounded "
                     "once, as XLA), cudnn (cuDNN, bias and residual added after its rounding); see kernels.GPU_CONV")
     ap.add_argument("--conv-config", default="", help="variants of kernels.TRITON_CONV_CONFIG to compare, ';'-separated JSON "
-                    'objects merged into it, e.g. \'{};{"PERSISTENT": true, "num_stages": 3}\' (default: the configuration as it is)')
+                    'objects merged into it, e.g. \'{};{"num_stages": 3}\' (default: the configuration as it is)')
     ap.add_argument("--mha-config", default="", help="variants of kernels.TRITON_MHA_CONFIG (the attention kernel) to compare, "
                     "';'-separated JSON objects merged into it, e.g. '{};{\"FAST_TANH\": true}'")
     ap.add_argument("--warmup", type=int, default=2)

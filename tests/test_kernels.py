@@ -173,15 +173,12 @@ def assert_rounding_apart(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert (out == ref).float().mean() > 0.99 and (diff <= (ref.float().abs() + scale) * 2**-7).all(), diff.max()
 
 
-@pytest.mark.parametrize("loads", ["pointers", "tma", "tma-persistent"])
+@pytest.mark.parametrize("loads", ["pointers", "tma"])
 @pytest.mark.parametrize(("s", "c_in", "c_out", "c_res"), [(70, 96, 80, 64), (40, 64, 64, 64), (600, 64, 320, 200)])
 def test_conv_kernel_matches_its_reference(s, c_in, c_out, c_res, loads, monkeypatch):
     """Sequence edges (SAME padding), channel counts off the tiles, a residual narrower than the
-    output and not contiguous; tiles loaded through pointers or tensor descriptors (TMA), by a
-    program per tile or by persistent programs that walk several tiles each (the last case: 18
-    tiles, 4 programs in the interpreter)."""
+    output and not contiguous; tiles loaded through pointers or tensor descriptors (TMA)."""
     monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "TMA", loads != "pointers")
-    monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "PERSISTENT", loads == "tma-persistent")
     x, w, bias, residual = conv_inputs(s, c_in, c_out, c_res, seed=s)
     out = torch.ops.agpipe.conv_bias_residual(x, w, bias, residual)
     ref = conv_bias_residual_once(x, w, bias, residual)

@@ -68,11 +68,20 @@ def _conv_fwd(
 
 
 @triton.jit
-def _tma_tile(x_desc, w_desc, b, pid_m, pid_n, c_in, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One output tile's float32 sum, its tiles loaded by the tensor memory accelerator: x through a
-    (B, S, C_in) descriptor, whose out-of-bounds rows and channels read as zeros (SAME padding, the
-    last channel block), the weight through a (C_out, WIDTH * C_in) one (channels past C_in meet
-    those zeros)."""
+def _conv_fwd_tma(
+    x_desc, w_desc, b_ptr, r_ptr, out_ptr,
+    seq_len, c_in, c_out, c_res,
+    stride_rb, stride_rs, stride_ob, stride_os,
+    WIDTH: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """`_conv_fwd` with its tiles loaded by the tensor memory accelerator, one program per output
+    tile: x through a (B, S, C_in) descriptor, whose out-of-bounds rows and channels read as zeros
+    (SAME padding, the last channel block), the weight through a (C_out, WIDTH * C_in) one (channels
+    past C_in meet those zeros)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     blocks = tl.cdiv(c_in, BLOCK_K)
     for i in range(0, WIDTH * blocks):
@@ -81,50 +90,7 @@ def _tma_tile(x_desc, w_desc, b, pid_m, pid_n, c_in, WIDTH: tl.constexpr, BLOCK_
         a = x_desc.load([b, pid_m * BLOCK_M + tap - WIDTH // 2, c]).reshape(BLOCK_M, BLOCK_K)
         w = w_desc.load([pid_n * BLOCK_N, tap * c_in + c])
         acc = tl.dot(a, w.T, acc)
-    return acc
-
-
-@triton.jit
-def _conv_fwd_tma(
-    x_desc, w_desc, b_ptr, r_ptr, out_ptr,
-    seq_len, c_in, c_out, c_res,
-    stride_rb, stride_rs, stride_ob, stride_os,
-    WIDTH: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """`_conv_fwd` with its input tiles loaded by TMA (`_tma_tile`), one program per output tile."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = tl.program_id(2)
-    acc = _tma_tile(x_desc, w_desc, b, pid_m, pid_n, c_in, WIDTH, BLOCK_M, BLOCK_N, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     _bias_residual_store(acc, b.to(tl.int64), offs_m, offs_n, b_ptr, r_ptr, out_ptr, seq_len, c_out, c_res,
                          stride_rb, stride_rs, stride_ob, stride_os, HAS_RES)
-
-
-@triton.jit
-def _conv_fwd_persistent(
-    x_desc, w_desc, b_ptr, r_ptr, out_ptr,
-    batch, seq_len, c_in, c_out, c_res,
-    stride_rb, stride_rs, stride_ob, stride_os,
-    WIDTH: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROGRAMS: tl.constexpr,
-):
-    """`_conv_fwd_tma` as a persistent kernel: PROGRAMS programs (one per SM) walk the output
-    tiles (channel block fastest, as `_conv_fwd_tma`'s grid), the tap and channel loop flattened
-    into the tile loop so that the pipeline loads the next tile's operands during this tile's
-    epilogue. The epilogue's tile comes from a counter of its own (not from the loop's tile), so
-    that it does not wait on the next tile's first loads."""
-    tiles_n = tl.cdiv(c_out, BLOCK_N)
-    tiles_m = tl.cdiv(seq_len, BLOCK_M)
-    done = tl.program_id(0) - PROGRAMS
-    for tile in tl.range(tl.program_id(0), tiles_n * tiles_m * batch, PROGRAMS, flatten=True):
-        pid_n = tile % tiles_n
-        pid_m = (tile // tiles_n) % tiles_m
-        acc = _tma_tile(x_desc, w_desc, tile // (tiles_n * tiles_m), pid_m, pid_n, c_in, WIDTH, BLOCK_M, BLOCK_N, BLOCK_K)
-        done += PROGRAMS
-        offs_n = (done % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = ((done // tiles_n) % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-        _bias_residual_store(acc, (done // (tiles_n * tiles_m)).to(tl.int64), offs_m, offs_n, b_ptr, r_ptr, out_ptr,
-                             seq_len, c_out, c_res, stride_rb, stride_rs, stride_ob, stride_os, HAS_RES)

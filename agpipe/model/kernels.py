@@ -263,8 +263,9 @@ def matmul_f32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.float(), w.float())
 
 
-# Tiles of the convolution kernel (scripts/bench_kernels.py --conv sweeps them); TMA: `_conv_fwd_tma`;
-# PERSISTENT (with TMA): `_conv_fwd_persistent`, slower in the model (80.3 against 77.2 ms, H100, 2026-11-28).
+# Tiles of the convolution kernel (scripts/bench_kernels.py --conv sweeps them); TMA: `_conv_fwd_tma`.
+# A persistent form of it (one program per SM walking tiles) was slower in the model, 80.3 against
+# 77.2 ms (H100, 2026-11-28, docs/performance.md), and was removed.
 # H100, 2026-11-27, the model's 27 convolutions at 524,288 bp: 42.1 ms with these (~630 TFLOP/s),
 # 51.8 ms for the best tiles loaded through pointers, 40.0 ms for cuDNN's convolutions alone.
 TRITON_CONV_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True}
@@ -275,11 +276,11 @@ GPU_CONV = "triton"
 
 @functools.cache
 def _conv_kernel():
-    """The jitted convolution kernels (pointers, TMA, persistent TMA), imported on first use: triton
-    is optional, as for `_mha_kernel`, and a module of their own lets them share jitted helpers."""
+    """The jitted convolution kernels (pointers, TMA), imported on first use: triton is optional, as
+    for `_mha_kernel`, and a module of their own lets them share jitted helpers."""
     from agpipe.model import conv_triton
 
-    return conv_triton._conv_fwd, conv_triton._conv_fwd_tma, conv_triton._conv_fwd_persistent
+    return conv_triton._conv_fwd, conv_triton._conv_fwd_tma
 
 
 def _uses_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -301,7 +302,7 @@ def _launch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, resi
     out = torch.empty(bsz, s, c_out, device=x.device, dtype=x.dtype)
     res = residual if residual is not None else out  # not read without HAS_RES
     grid = (-(-c_out // cfg["BLOCK_N"]), -(-s // cfg["BLOCK_M"]), bsz)
-    pointers, tma, persistent = _conv_kernel()
+    pointers, tma = _conv_kernel()
     tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     c_res = res.shape[-1] if residual is not None else 0
     if _uses_tma(x, weight):
@@ -309,14 +310,6 @@ def _launch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, resi
 
         x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, cfg["BLOCK_M"], cfg["BLOCK_K"]])
         w_desc = TensorDescriptor(weight, [c_out, width * c_in], [weight.stride(0), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
-        if cfg.get("PERSISTENT"):
-            programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-            persistent[(min(programs, grid[0] * grid[1] * grid[2]),)](
-                x_desc, w_desc, bias, res, out, bsz, s, c_in, c_out, c_res,
-                res.stride(0), res.stride(1), out.stride(0), out.stride(1),
-                WIDTH=width, HAS_RES=residual is not None, PROGRAMS=programs, **tiles,
-            )
-            return out
         tma[grid](
             x_desc, w_desc, bias, res, out, s, c_in, c_out, c_res,
             res.stride(0), res.stride(1), out.stride(0), out.stride(1), WIDTH=width, HAS_RES=residual is not None, **tiles,
