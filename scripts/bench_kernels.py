@@ -224,9 +224,13 @@ def head_transforms(out: str | None) -> None:
         y = torch.where(y > SOFT_CLIP, (y + SOFT_CLIP) ** 2 / (4 * SOFT_CLIP), y)
         return y ** (1.0 / 0.75) * means
 
+    scale_once = F.softplus(scale)
+
     variants = {
         "bf16 copy (memory floor)": lambda x: x.to(torch.bfloat16),
         "softplus x softplus(scale)": lambda x: model_space(x).to(torch.bfloat16),
+        # whether Inductor evaluates softplus(scale) again for every value it multiplies
+        "softplus x softplus(scale) computed beforehand": lambda x: (F.softplus(x) * scale_once).to(torch.bfloat16),
         "+ soft clip, the power as exp2(log2(x) / 0.75), means (the model)": lambda x: to_data_space(model_space(x), means, 1, True).to(torch.bfloat16),
         "the same, the power as x ** (1/0.75) (powf, the official form)": lambda x: powf_power(x).to(torch.bfloat16),
     }
