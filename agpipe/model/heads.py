@@ -151,9 +151,18 @@ class TrackHead(nn.Module):
         self.scale = nn.Parameter(self.learnt_scale[organism, channels].contiguous(), requires_grad=False)
         del self.learnt_scale
 
+    def fold_(self, dtype: torch.dtype) -> None:
+        """softplus(scale) once, in float32 from the scale in the policy's dtype (as `activate` computed
+        it on every call). Left in the forward, Inductor would evaluate it again for each predicted
+        value on a GPU: it materializes a broadcast operand only when its expression is large or
+        reads many inputs (`should_realize_on_reuse` in torch 2.13's source, a rule of earlier versions
+        too; only the CPU backend realizes exp and log), and this one is a few ops."""
+        self.register_buffer("output_scale", F.softplus(self.scale.to(dtype).float()), persistent=False)
+        del self.scale
+
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         """Model-space predictions from this head's linear output (computed by a FusedLinear)."""
-        return F.softplus(logits) * F.softplus(self.scale.float())
+        return F.softplus(logits) * self.output_scale
 
 
 @dataclasses.dataclass
