@@ -216,7 +216,7 @@ def main() -> None:
     tensors = official_to_ours(params, state, OFFICIAL)
     metadata = synthetic_metadata(OFFICIAL)
     impls = args.impls.split(",")
-    default_conv, default_mha = dict(kernels.TRITON_CONV_CONFIG), dict(kernels.TRITON_MHA_CONFIG)
+    default_gpu_conv, default_conv, default_mha = kernels.GPU_CONV, dict(kernels.TRITON_CONV_CONFIG), dict(kernels.TRITON_MHA_CONFIG)
     rows = []
     for length, outputs_name in parse_cases(args.cases):
         outputs = OUTPUT_SETS[outputs_name]
@@ -242,7 +242,8 @@ def main() -> None:
                             + (f"-conv{conv_variant}" if conv_variant.strip("{} ") else "")
                             + (f"-mha{mha_variant}" if mha_variant.strip("{} ") else "") + (f"-batch{batch}" if batch > 1 else ""))
                     results.append(bench_torch(name, length, outputs, tensors, metadata, BFLOAT16, attention, mode, args.warmup, args.runs, args.profile, batch))
-                kernels.TRITON_CONV_CONFIG, kernels.TRITON_MHA_CONFIG = default_conv, default_mha
+                # the next case's other implementations run with the defaults again
+                kernels.GPU_CONV, kernels.TRITON_CONV_CONFIG, kernels.TRITON_MHA_CONFIG = default_gpu_conv, default_conv, default_mha
         if "jax" in impls:
             results.append(bench_jax(length, outputs_name, params, state, metadata, args.warmup, args.runs))
         gc.collect()  # the models of this case are gone: hand their memory back before the next case
