@@ -269,7 +269,9 @@ def matmul_f32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # 77.2 ms (H100, 2026-11-28, docs/performance.md), and was removed.
 # H100, 2026-11-27, the model's 27 convolutions at 524,288 bp: 42.1 ms with these (~630 TFLOP/s),
 # 51.8 ms for the best tiles loaded through pointers, 40.0 ms for cuDNN's convolutions alone.
-TRITON_CONV_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True}
+TRITON_CONV_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": False, "WS_STAGES": 3}
+# "WS": on Hopper (sm_90) the same tiles through the warp-specialized kernel (`conv_gluon._conv_fwd_ws`,
+# WS_STAGES buffers: three of 48 KB fit beside its 64 KB of epilogue staging); off until measured on a GPU.
 # How a GPU convolution rounds (bf16): "triton" once, as XLA (`_conv_fwd`); "cudnn" cuDNN's convolution
 # (rounded), then bias and residual added in float32 and rounded once: one rounding more than XLA.
 GPU_CONV = "triton"
@@ -282,6 +284,60 @@ def _conv_kernel():
     from agpipe.model import conv_triton
 
     return conv_triton._conv_fwd, conv_triton._conv_fwd_tma
+
+
+@functools.cache
+def _conv_ws_kernel():
+    """The warp-specialized Hopper kernel, or None where this triton lacks Gluon's Hopper language."""
+    try:
+        from agpipe.model import conv_gluon
+    except ImportError:
+        return None
+    return conv_gluon._conv_fwd_ws
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _uses_ws(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """The warp-specialized kernel: asked for, a Hopper card (wgmma is sm_90's), TMA's alignment for
+    every operand (output channels a multiple of 8: its rows are stored by TMA), and Gluon present."""
+    def aligned(t: torch.Tensor) -> bool:
+        return t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0
+
+    return (
+        bool(TRITON_CONV_CONFIG.get("WS")) and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+        and _uses_tma(x, weight) and weight.shape[0] % 8 == 0 and (residual is None or aligned(residual))
+        and _conv_ws_kernel() is not None
+    )
+
+
+def _launch_conv_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Runs `conv_gluon._conv_fwd_ws`, one persistent program per SM, with TRITON_CONV_CONFIG's tiles."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    cfg = TRITON_CONV_CONFIG
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    bsz, s, c_in = x.shape
+    c_out, _, _, width = weight.shape
+    dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+
+    def desc(t: torch.Tensor, shape: list[int], strides: list[int], block: list[int]) -> TensorDescriptor:
+        return TensorDescriptor(t, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+    x_desc = desc(x, list(x.shape), list(x.stride()), [1, bm, bk])
+    w_desc = desc(weight, [c_out, width * c_in], [weight.stride(0), 1], [bn, bk])
+    o_desc = desc(out, list(out.shape), list(out.stride()), [1, bm // 2, bn])
+    r_desc = o_desc if residual is None else desc(residual, list(residual.shape), list(residual.stride()), [1, bm // 2, bn])
+    tiles_m, tiles_n = -(-s // bm), -(-c_out // bn)
+    num_tiles = bsz * tiles_m * tiles_n
+    _conv_ws_kernel()[(min(num_tiles, _sm_count(x.device)),)](
+        x_desc, w_desc, r_desc, o_desc, bias, c_in, c_out, 0 if residual is None else residual.shape[-1], tiles_m, tiles_n, num_tiles,
+        WIDTH=width, HAS_RES=residual is not None, STAGES=cfg["WS_STAGES"], num_warps=4, maxnreg=168,
+    )
 
 
 def _uses_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -301,6 +357,9 @@ def _launch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, resi
     c_out, _, _, width = weight.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(bsz, s, c_out, device=x.device, dtype=x.dtype)
+    if _uses_ws(x, weight, residual):
+        _launch_conv_ws(x, weight, bias, residual, out)
+        return out
     res = residual if residual is not None else out  # not read without HAS_RES
     grid = (-(-c_out // cfg["BLOCK_N"]), -(-s // cfg["BLOCK_M"]), bsz)
     pointers, tma = _conv_kernel()
