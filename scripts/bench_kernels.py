@@ -152,8 +152,10 @@ MODEL_CONVS = [(768, 768, 524288)] + [
 CONV_SWEEP = [
     {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": False},
     {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": True, "WS_STAGES": 3},
-    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": True, "WS_STAGES": 2},
     {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": True, "WS_STAGES": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": True, "WS_STAGES": 4, "WS_PINGPONG": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": True, "WS_STAGES": 5, "WS_PINGPONG": True},
+    {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": True, "WS_STAGES": 4, "WS_PINGPONG": True},
 ]
 
 

@@ -178,16 +178,20 @@ def hopper() -> bool:
     return not INTERPRET and torch.cuda.get_device_capability()[0] == 9 and kernels._conv_ws_kernel() is not None
 
 
-@pytest.mark.parametrize("loads", ["pointers", "tma", "ws"])
+@pytest.mark.parametrize("loads", ["pointers", "tma", "ws", "ws-pingpong"])
 @pytest.mark.parametrize(("s", "c_in", "c_out", "c_res"), [(70, 96, 80, 64), (40, 64, 64, 64), (600, 64, 320, 200)])
 def test_conv_kernel_matches_its_reference(s, c_in, c_out, c_res, loads, monkeypatch):
     """Sequence edges (SAME padding), channel counts off the tiles, a residual narrower than the
     output and not contiguous; tiles loaded through pointers or tensor descriptors (TMA), or by the
     warp-specialized Hopper kernel (600 x 320 with a 200-channel residual: a channel block with none)."""
-    if loads == "ws" and not hopper():
+    if loads.startswith("ws") and not hopper():
         pytest.skip("the warp-specialized kernel needs a Hopper GPU and Gluon")
     monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "TMA", loads != "pointers")
-    monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS", loads == "ws")
+    monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS", loads.startswith("ws"))
+    if loads == "ws-pingpong":
+        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS_PINGPONG", True)
+        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "BLOCK_M", 128)
+        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS_STAGES", 4)
     x, w, bias, residual = conv_inputs(s, c_in, c_out, c_res, seed=s)
     out = torch.ops.agpipe.conv_bias_residual(x, w, bias, residual)
     ref = conv_bias_residual_once(x, w, bias, residual)
@@ -227,8 +231,9 @@ def test_conv_kernel_at_the_models_widths_on_gpu():
 
 
 @pytest.mark.skipif(INTERPRET or not hopper(), reason="needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("pingpong", [False, True])
 @pytest.mark.parametrize(("s", "c_in", "c_out", "c_res", "b"), [(8192, 768, 896, 768, 2), (16384, 1024, 1024, 0, 1), (4100, 128, 256, 256, 3)])
-def test_warp_specialized_conv_kernel_many_tiles_a_program_on_gpu(s, c_in, c_out, c_res, b, monkeypatch):
+def test_warp_specialized_conv_kernel_many_tiles_a_program_on_gpu(s, c_in, c_out, c_res, b, pingpong, monkeypatch):
     """The persistent kernel at the model's widths, each program walking many tiles: the encoder's
     widening block (a 768-channel residual into 896 channels), no residual, a sequence off the tiles
     across batch edges; within a rounding of the reference, and nearly always equal to the TMA kernel,
@@ -236,9 +241,14 @@ def test_warp_specialized_conv_kernel_many_tiles_a_program_on_gpu(s, c_in, c_out
     x, w, bias, residual = conv_inputs(s, c_in, c_out, max(c_res, 1), seed=s, b=b)
     residual = residual if c_res else None
     monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS", True)
+    if pingpong:
+        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS_PINGPONG", True)
+        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "BLOCK_M", 128)
+        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS_STAGES", 4)
     out = torch.ops.agpipe.conv_bias_residual(x, w, bias, residual)
     assert_rounding_apart(out, conv_bias_residual_once(x, w, bias, residual))
     monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS", False)
+    monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "BLOCK_M", 256)
     tma = torch.ops.agpipe.conv_bias_residual(x, w, bias, residual)
     assert (out == tma).float().mean() > 0.999
 

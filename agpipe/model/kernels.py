@@ -271,7 +271,9 @@ def matmul_f32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # 51.8 ms for the best tiles loaded through pointers, 40.0 ms for cuDNN's convolutions alone.
 TRITON_CONV_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": False, "WS_STAGES": 3}
 # "WS": on Hopper (sm_90) the same tiles through the warp-specialized kernel (`conv_gluon._conv_fwd_ws`,
-# WS_STAGES buffers: three of 48 KB fit beside its 64 KB of epilogue staging); off until measured on a GPU.
+# WS_STAGES buffers: three of 48 KB fit beside its 64 KB of epilogue staging; WS_PINGPONG: each consumer
+# warpgroup takes every other tile whole, BLOCK_M x BLOCK_N, instead of half of every tile); off until
+# measured on a GPU.
 # How a GPU convolution rounds (bf16): "triton" once, as XLA (`_conv_fwd`); "cudnn" cuDNN's convolution
 # (rounded), then bias and residual added in float32 and rounded once: one rounding more than XLA.
 GPU_CONV = "triton"
@@ -330,8 +332,9 @@ def _launch_conv_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, r
 
     x_desc = desc(x, list(x.shape), list(x.stride()), [1, bm, bk])
     w_desc = desc(weight, [c_out, width * c_in], [weight.stride(0), 1], [bn, bk])
-    o_desc = desc(out, list(out.shape), list(out.stride()), [1, bm // 2, bn])
-    r_desc = o_desc if residual is None else desc(residual, list(residual.shape), list(residual.stride()), [1, bm // 2, bn])
+    rows = bm if cfg.get("WS_PINGPONG") else bm // 2  # a consumer warpgroup's rows of a tile
+    o_desc = desc(out, list(out.shape), list(out.stride()), [1, rows, bn])
+    r_desc = o_desc if residual is None else desc(residual, list(residual.shape), list(residual.stride()), [1, rows, bn])
     tiles_m, tiles_n = -(-s // bm), -(-c_out // bn)
     num_tiles = bsz * tiles_m * tiles_n
     _conv_ws_kernel()[(min(num_tiles, _sm_count(x.device)),)](
