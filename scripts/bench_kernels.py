@@ -148,14 +148,13 @@ MODEL_CONVS = [(768, 768, 524288)] + [
     for conv in ((c_in, c_out, s), (c_out, c_out, 2 * s))
 ]
 # The TMA kernel as the sessions before the warp-specialized one chose it (the sweep of nine tiles that
-# chose it: conv-kernel-H100-20261128-persistent-sweep.json), then the warp-specialized kernel's tiles.
+# chose it: conv-kernel-H100-20261128-persistent-sweep.json), the warp-specialized kernel with each of
+# its tiles, and the choice between them that the model makes (kernels._ws_tiles).
 CONV_SWEEP = [
     {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": False},
     {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": True, "WS_STAGES": 3},
     {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": True, "WS_STAGES": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": True, "WS_STAGES": 4, "WS_PINGPONG": True},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": True, "WS_STAGES": 5, "WS_PINGPONG": True},
-    {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": True, "WS_STAGES": 4, "WS_PINGPONG": True},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": "auto", "WS_STAGES": 3},
 ]
 
 

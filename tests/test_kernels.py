@@ -178,20 +178,21 @@ def hopper() -> bool:
     return not INTERPRET and torch.cuda.get_device_capability()[0] == 9 and kernels._conv_ws_kernel() is not None
 
 
-@pytest.mark.parametrize("loads", ["pointers", "tma", "ws", "ws-pingpong"])
+@pytest.mark.parametrize("loads", ["pointers", "tma", "ws-256x128", "ws-128x256"])
 @pytest.mark.parametrize(("s", "c_in", "c_out", "c_res"), [(70, 96, 80, 64), (40, 64, 64, 64), (600, 64, 320, 200)])
 def test_conv_kernel_matches_its_reference(s, c_in, c_out, c_res, loads, monkeypatch):
     """Sequence edges (SAME padding), channel counts off the tiles, a residual narrower than the
     output and not contiguous; tiles loaded through pointers or tensor descriptors (TMA), or by the
-    warp-specialized Hopper kernel (600 x 320 with a 200-channel residual: a channel block with none)."""
+    warp-specialized Hopper kernel with either of its tiles (600 x 320 with a 200-channel residual: a
+    channel block with none)."""
     if loads.startswith("ws") and not hopper():
         pytest.skip("the warp-specialized kernel needs a Hopper GPU and Gluon")
     monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "TMA", loads != "pointers")
     monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS", loads.startswith("ws"))
-    if loads == "ws-pingpong":
-        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS_PINGPONG", True)
-        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "BLOCK_M", 128)
-        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS_STAGES", 4)
+    if loads.startswith("ws"):
+        block_m, block_n = map(int, loads[3:].split("x"))
+        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "BLOCK_M", block_m)
+        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "BLOCK_N", block_n)
     x, w, bias, residual = conv_inputs(s, c_in, c_out, c_res, seed=s)
     out = torch.ops.agpipe.conv_bias_residual(x, w, bias, residual)
     ref = conv_bias_residual_once(x, w, bias, residual)
@@ -231,9 +232,9 @@ def test_conv_kernel_at_the_models_widths_on_gpu():
 
 
 @pytest.mark.skipif(INTERPRET or not hopper(), reason="needs a Hopper GPU and Gluon")
-@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("tiles", [(256, 128), (128, 256)])
 @pytest.mark.parametrize(("s", "c_in", "c_out", "c_res", "b"), [(8192, 768, 896, 768, 2), (16384, 1024, 1024, 0, 1), (4100, 128, 256, 256, 3)])
-def test_warp_specialized_conv_kernel_many_tiles_a_program_on_gpu(s, c_in, c_out, c_res, b, pingpong, monkeypatch):
+def test_warp_specialized_conv_kernel_many_tiles_a_program_on_gpu(s, c_in, c_out, c_res, b, tiles, monkeypatch):
     """The persistent kernel at the model's widths, each program walking many tiles: the encoder's
     widening block (a 768-channel residual into 896 channels), no residual, a sequence off the tiles
     across batch edges; within a rounding of the reference, and nearly always equal to the TMA kernel,
@@ -241,16 +242,27 @@ def test_warp_specialized_conv_kernel_many_tiles_a_program_on_gpu(s, c_in, c_out
     x, w, bias, residual = conv_inputs(s, c_in, c_out, max(c_res, 1), seed=s, b=b)
     residual = residual if c_res else None
     monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS", True)
-    if pingpong:
-        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS_PINGPONG", True)
-        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "BLOCK_M", 128)
-        monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS_STAGES", 4)
+    monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "BLOCK_M", tiles[0])
+    monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "BLOCK_N", tiles[1])
     out = torch.ops.agpipe.conv_bias_residual(x, w, bias, residual)
     assert_rounding_apart(out, conv_bias_residual_once(x, w, bias, residual))
     monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "WS", False)
     monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "BLOCK_M", 256)
+    monkeypatch.setitem(kernels.TRITON_CONV_CONFIG, "BLOCK_N", 128)
     tma = torch.ops.agpipe.conv_bias_residual(x, w, bias, residual)
     assert (out == tma).float().mean() > 0.999
+
+
+@pytest.mark.skipif(INTERPRET or not hopper(), reason="needs a Hopper GPU and Gluon")
+def test_the_model_takes_the_warp_specialized_kernel_where_it_was_measured_faster():
+    """"auto": the warp-specialized kernel from 65,536 positions (128 x 256 tiles for 768 channels,
+    256 x 128 for 896), the TMA kernel below."""
+    x = torch.empty(1, 65536, 768, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.empty(896, 768, 1, 5, device=DEVICE, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    assert kernels.TRITON_CONV_CONFIG["WS"] == "auto"
+    assert kernels._ws_tiles(x, w, None) == (256, 128)
+    assert kernels._ws_tiles(x, w[:768], x) == (128, 256)
+    assert kernels._ws_tiles(x[:, :32768], w, None) is None
 
 
 @pytest.mark.skipif(INTERPRET, reason="needs CUDA")

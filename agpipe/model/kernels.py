@@ -10,8 +10,9 @@
 - `conv_bias_residual`: a SAME-padded 1D convolution plus its bias and the block's residual, rounded
   where XLA rounds them for the official model: on a GPU once (XLA hands conv + bias + residual to
   cuDNN as one fused call, `__cudnn$convBiasActivationForward` with a side input), on the CPU after
-  each op. On CUDA in bf16 it runs an implicit-GEMM Triton kernel with that epilogue (`_conv_fwd_tma`,
-  its tiles loaded by TMA, on Hopper and later; `_conv_fwd` through pointers elsewhere). The DNA
+  each op. On CUDA in bf16 it runs an implicit-GEMM Triton kernel with that epilogue: on Hopper the
+  large ones warp-specialized (`conv_gluon._conv_fwd_ws`, Gluon), the others `_conv_fwd_tma` (tiles
+  loaded by TMA, Hopper and later), and `_conv_fwd` through pointers elsewhere. The DNA
   embedder's GEMM runs through it as a pointwise (width 1) convolution of overlapping windows (rows
   8 bytes apart, which only the pointer kernel reads: no TMA descriptor takes them).
 """
@@ -269,11 +270,10 @@ def matmul_f32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # 77.2 ms (H100, 2026-11-28, docs/performance.md), and was removed.
 # H100, 2026-11-27, the model's 27 convolutions at 524,288 bp: 42.1 ms with these (~630 TFLOP/s),
 # 51.8 ms for the best tiles loaded through pointers, 40.0 ms for cuDNN's convolutions alone.
-TRITON_CONV_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": False, "WS_STAGES": 3}
-# "WS": on Hopper (sm_90) the same tiles through the warp-specialized kernel (`conv_gluon._conv_fwd_ws`,
-# WS_STAGES buffers: three of 48 KB fit beside its 64 KB of epilogue staging; WS_PINGPONG: each consumer
-# warpgroup takes every other tile whole, BLOCK_M x BLOCK_N, instead of half of every tile); off until
-# measured on a GPU.
+TRITON_CONV_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "TMA": True, "WS": "auto", "WS_STAGES": 3}
+# "WS": the warp-specialized Hopper kernel (`conv_gluon._conv_fwd_ws`, WS_STAGES buffers: three of 48 KB
+# fit beside its 64 KB of epilogue staging) with these tiles (True), never (False), or where it was
+# measured faster ("auto", `_ws_tiles`).
 # How a GPU convolution rounds (bf16): "triton" once, as XLA (`_conv_fwd`); "cudnn" cuDNN's convolution
 # (rounded), then bias and residual added in float32 and rounded once: one rounding more than XLA.
 GPU_CONV = "triton"
@@ -303,26 +303,39 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _uses_ws(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """The warp-specialized kernel: asked for, a Hopper card (wgmma is sm_90's), TMA's alignment for
-    every operand (output channels a multiple of 8: its rows are stored by TMA), and Gluon present."""
+def _ws_tiles(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> tuple[int, int] | None:
+    """(BLOCK_M, BLOCK_N) of the warp-specialized kernel for this convolution, or None for the TMA or
+    pointer kernel. It needs a Hopper card (wgmma is sm_90's), TMA's alignment for every operand (output
+    channels a multiple of 8: its rows are stored by TMA) and Gluon. "auto" takes it from 65,536
+    positions a sequence, 128 x 256 tiles where the channels fill them, else 256 x 128: the model's 27
+    convolutions at 524,288 bp, back to back on an H100 (`bench_kernels.py --conv`,
+    conv-kernel-H100-20261206-ws.json), 39.7 ms against 42.5 for the TMA kernel alone; below 65,536
+    positions the TMA kernel was as fast or faster (a few tiles per program, 3 stages against 4)."""
     def aligned(t: torch.Tensor) -> bool:
         return t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0
 
-    return (
-        bool(TRITON_CONV_CONFIG.get("WS")) and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
-        and _uses_tma(x, weight) and weight.shape[0] % 8 == 0 and (residual is None or aligned(residual))
-        and _conv_ws_kernel() is not None
+    cfg = TRITON_CONV_CONFIG
+    usable = (
+        cfg.get("WS") and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and _uses_tma(x, weight)
+        and weight.shape[0] % 8 == 0 and (residual is None or aligned(residual)) and _conv_ws_kernel() is not None
     )
+    if not usable:
+        return None
+    if cfg["WS"] != "auto":
+        return cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if x.shape[1] < 65536:
+        return None
+    return (128, 256) if weight.shape[0] % 256 == 0 else (256, 128)
 
 
-def _launch_conv_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor) -> None:
-    """Runs `conv_gluon._conv_fwd_ws`, one persistent program per SM, with TRITON_CONV_CONFIG's tiles."""
+def _launch_conv_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor,
+                    bm: int, bn: int) -> None:
+    """Runs `conv_gluon._conv_fwd_ws`, one persistent program per SM, with bm x bn tiles."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     cfg = TRITON_CONV_CONFIG
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    bk = cfg["BLOCK_K"]
     bsz, s, c_in = x.shape
     c_out, _, _, width = weight.shape
     dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
@@ -332,9 +345,8 @@ def _launch_conv_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, r
 
     x_desc = desc(x, list(x.shape), list(x.stride()), [1, bm, bk])
     w_desc = desc(weight, [c_out, width * c_in], [weight.stride(0), 1], [bn, bk])
-    rows = bm if cfg.get("WS_PINGPONG") else bm // 2  # a consumer warpgroup's rows of a tile
-    o_desc = desc(out, list(out.shape), list(out.stride()), [1, rows, bn])
-    r_desc = o_desc if residual is None else desc(residual, list(residual.shape), list(residual.stride()), [1, rows, bn])
+    o_desc = desc(out, list(out.shape), list(out.stride()), [1, bm // 2, bn])  # each consumer's half
+    r_desc = o_desc if residual is None else desc(residual, list(residual.shape), list(residual.stride()), [1, bm // 2, bn])
     tiles_m, tiles_n = -(-s // bm), -(-c_out // bn)
     num_tiles = bsz * tiles_m * tiles_n
     _conv_ws_kernel()[(min(num_tiles, _sm_count(x.device)),)](
@@ -354,14 +366,16 @@ def _uses_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _launch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """Runs the convolution kernel (TMA or pointer loads) with TRITON_CONV_CONFIG's tiles."""
+    """Runs a convolution kernel: warp-specialized (`_ws_tiles`), else TMA or pointer loads with
+    TRITON_CONV_CONFIG's tiles."""
     cfg = TRITON_CONV_CONFIG
     bsz, s, c_in = x.shape
     c_out, _, _, width = weight.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(bsz, s, c_out, device=x.device, dtype=x.dtype)
-    if _uses_ws(x, weight, residual):
-        _launch_conv_ws(x, weight, bias, residual, out)
+    ws = _ws_tiles(x, weight, residual)
+    if ws is not None:
+        _launch_conv_ws(x, weight, bias, residual, out, *ws)
         return out
     res = residual if residual is not None else out  # not read without HAS_RES
     grid = (-(-c_out // cfg["BLOCK_N"]), -(-s // cfg["BLOCK_M"]), bsz)
