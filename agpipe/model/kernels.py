@@ -311,13 +311,10 @@ def _ws_tiles(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | No
     convolutions at 524,288 bp, back to back on an H100 (`bench_kernels.py --conv`,
     conv-kernel-H100-20261206-ws.json), 39.7 ms against 42.5 for the TMA kernel alone; below 65,536
     positions the TMA kernel was as fast or faster (a few tiles per program, 3 stages against 4)."""
-    def aligned(t: torch.Tensor) -> bool:
-        return t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0
-
     cfg = TRITON_CONV_CONFIG
     usable = (
         cfg.get("WS") and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and _uses_tma(x, weight)
-        and weight.shape[0] % 8 == 0 and (residual is None or aligned(residual)) and _conv_ws_kernel() is not None
+        and weight.shape[0] % 8 == 0 and (residual is None or _tma_rows(residual)) and _conv_ws_kernel() is not None
     )
     if not usable:
         return None
@@ -355,13 +352,17 @@ def _launch_conv_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, r
     )
 
 
+def _tma_rows(t: torch.Tensor) -> bool:
+    """A (B, S, C) bf16 tensor a descriptor takes: 16-byte aligned base and row strides."""
+    return t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0
+
+
 def _uses_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """TMA loads: asked for, a card that has them (compute capability 9+; Triton's CPU interpreter
     takes descriptors too), and the 16-byte aligned rows and base addresses a descriptor needs."""
     return (
         bool(TRITON_CONV_CONFIG.get("TMA")) and (not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] >= 9)
-        and x.stride(0) % 8 == 0 and x.stride(1) % 8 == 0 and weight.stride(0) % 8 == 0
-        and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+        and _tma_rows(x) and weight.stride(0) % 8 == 0 and weight.data_ptr() % 16 == 0
     )
 
 
