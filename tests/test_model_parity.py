@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +17,7 @@ from agpipe.model import jax_reference
 from agpipe.model.agreement import agreement
 from agpipe.model.config import ALL_OUTPUTS, DEFAULT_OUTPUTS, HEADS, OFFICIAL, SMALL, Output
 from agpipe.model.heads import top_splice_sites
-from agpipe.model.kernels import conv_bias_residual, conv_bias_residual_once, conv_bsc
+from agpipe.model.kernels import conv_bias_residual, conv_bias_residual_once, conv_bsc, head_activations, matmul_f32_out
 from agpipe.model.precision import BFLOAT16, FLOAT32, compile_options
 from model_harness import (
     awkward_sequences,
@@ -131,6 +132,33 @@ def test_model_space_on_request():
     torch.testing.assert_close(data, clipped ** (1 / 0.75) * means * 128, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("precision", [FLOAT32, BFLOAT16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["data space", "model space"])
+def test_the_heads_kernels_column_activations_are_every_heads_own(precision, scaled):
+    """The Hopper heads kernel computes each column of the fused GEMM by its kind, scale and
+    data-space factor (`FusedLinear.activations_`); `kernels.head_activations`, the kernel's epilogue
+    in torch, with those columns gives what the model's own per-head path gives."""
+    _, _, tensors, metadata = random_model(SMALL)
+    model = torch_model(SMALL, tensors, metadata, 1, outputs_for(metadata, 1), precision)
+    x = torch.from_numpy(batch(random_sequence(LENGTH, 4)))
+    with torch.no_grad():
+        out = model(x, scaled=scaled)
+        emb = model.embed(x)
+    checked = set()
+    for r, fused in model.fused.items():
+        e = emb.e1 if r == "res_1" else emb.e128
+        z = matmul_f32_out(e, fused.weight) + fused.bias.float()
+        y = head_activations(z, fused.kinds, fused.column_scale, fused.column_data, not scaled).to(precision.output)
+        for o in out:
+            if f"res_{o.resolution}" == r and o.head in fused.slices:
+                a, b = fused.slices[o.head]
+                torch.testing.assert_close(y[..., a:b], out[o], rtol=1e-6, atol=0)
+                checked.add(o)
+    kinds = {HEADS[o.head].kind for o in checked}
+    assert kinds == {"tracks", "splice_usage"} and {o.resolution for o in checked} == {1, 128}
+    assert any(HEADS[o.head].squash for o in checked)
+
+
 @pytest.mark.slow
 def test_full_official_size_matches_reference():
     """Our tree is the official one and a full-size 4,096 bp forward matches the reference."""
@@ -170,7 +198,14 @@ def test_bfloat16_policy_matches_reference_bfloat16(name):
         result = agreement(ours.reshape(rows), theirs.reshape(rows), 5e-2, 5e-2, block)
         assert result.pearson >= min_r, f"{key}: Pearson {result.pearson:.6f} < {min_r}"
         assert result.within >= 0.95, f"{key}: only {result.within:.3%} within atol=rtol=5e-2"
-        assert abs(result.bias_z) <= 3, f"{key}: systematic bias, mean difference {result.bias:.3g} is {result.bias_z:.1f} standard errors from 0"
+        # |z| <= 3 is a two-sided level of 0.27% for a known standard error; estimated from n block
+        # means, z follows Student's t with n - 1 degrees of freedom, whose quantile at that level is
+        # the same rule (16 pair cells: 3.59; the pair check failed at z 3.01 on the n_gap sequence on
+        # another CPU, 2026-12-07, before and after that session's changes)
+        blocks = -(-ours.reshape(rows).shape[0] // block)
+        limit = scipy.stats.t.ppf(1 - 0.00135, blocks - 1)
+        assert abs(result.bias_z) <= limit, (f"{key}: systematic bias, mean difference {result.bias:.3g} is {result.bias_z:.1f} "
+                                             f"standard errors from 0 (limit {limit:.2f} for {blocks} block means)")
 
 
 def test_compiled_code_rounds_where_the_bfloat16_policy_rounds():
