@@ -140,17 +140,17 @@ class FusedLinear(nn.Module):
     def activations_(self, heads: dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None]]) -> None:
         """Each column's activation for `predictions`: per head its kind (`kernels.HEAD_KINDS`), output
         scale (softplus of the learnt scale) and data-space factor (track mean x resolution), float32;
-        padding columns are tracks of scale 0."""
-        n = self.weight.shape[1]
-        kinds = torch.zeros(n, dtype=torch.int32)
-        scale, data = torch.zeros(n), torch.zeros(n)
+        padding columns are tracks of scale 0. Built where the weights are (no copies to the host)."""
+        n, device = self.weight.shape[1], self.weight.device
+        kinds = torch.zeros(n, dtype=torch.int32, device=device)
+        scale, data = torch.zeros(n, device=device), torch.zeros(n, device=device)
         for name, (kind, head_scale, head_data) in heads.items():
             a, b = self.slices[name]
             kinds[a:b] = HEAD_KINDS[kind]
             if head_scale is not None:
                 scale[a:b], data[a:b] = head_scale, head_data
         for name, t in (("kinds", kinds), ("column_scale", scale), ("column_data", data)):
-            self.register_buffer(name, t.to(self.weight.device), persistent=False)
+            self.register_buffer(name, t, persistent=False)
 
     def kernel_applies(self, x: torch.Tensor) -> bool:
         return hasattr(self, "kinds") and head_kernel_applies(x, self.weight)
