@@ -203,6 +203,8 @@ def main() -> None:
                     'objects merged into it, e.g. \'{};{"num_stages": 3}\' (default: the configuration as it is)')
     ap.add_argument("--mha-config", default="", help="variants of kernels.TRITON_MHA_CONFIG (the attention kernel) to compare, "
                     "';'-separated JSON objects merged into it, e.g. '{};{\"FAST_TANH\": true}'")
+    ap.add_argument("--head-config", default="", help="variants of kernels.HEAD_KERNEL_CONFIG (the heads' GEMM and activations in "
+                    "one Hopper kernel) to compare, ';'-separated JSON objects merged into it, e.g. '{\"ENABLED\": false};{\"ENABLED\": true}'")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--batch", default="1", help="the fast path's windows per call, comma-separated (ms are per window)")
@@ -219,6 +221,7 @@ def main() -> None:
     metadata = synthetic_metadata(OFFICIAL)
     impls = args.impls.split(",")
     default_gpu_conv, default_conv, default_mha = kernels.GPU_CONV, dict(kernels.TRITON_CONV_CONFIG), dict(kernels.TRITON_MHA_CONFIG)
+    default_heads = dict(kernels.HEAD_KERNEL_CONFIG)
     rows = []
     for length, outputs_name in parse_cases(args.cases):
         outputs = OUTPUT_SETS[outputs_name]
@@ -234,18 +237,21 @@ def main() -> None:
             if "fast" in impls:
                 variants = itertools.product(
                     args.compile_mode.split(","), args.gpu_conv.split(","), args.conv_config.split(";"), args.mha_config.split(";"),
-                    map(int, args.batch.split(",")),
+                    args.head_config.split(";"), map(int, args.batch.split(",")),
                 )
-                for mode, conv, conv_variant, mha_variant, batch in variants:
+                for mode, conv, conv_variant, mha_variant, head_variant, batch in variants:
                     kernels.GPU_CONV = conv
                     kernels.TRITON_CONV_CONFIG = {**default_conv, **json.loads(conv_variant or "{}")}
                     kernels.TRITON_MHA_CONFIG = {**default_mha, **json.loads(mha_variant or "{}")}
+                    kernels.HEAD_KERNEL_CONFIG = {**default_heads, **json.loads(head_variant or "{}")}
                     name = (f"fast-bf16-{attention}-{mode}" + ("" if conv == "triton" else f"-{conv}-conv")
                             + (f"-conv{conv_variant}" if conv_variant.strip("{} ") else "")
-                            + (f"-mha{mha_variant}" if mha_variant.strip("{} ") else "") + (f"-batch{batch}" if batch > 1 else ""))
+                            + (f"-mha{mha_variant}" if mha_variant.strip("{} ") else "")
+                            + (f"-heads{head_variant}" if head_variant.strip("{} ") else "") + (f"-batch{batch}" if batch > 1 else ""))
                     results.append(bench_torch(name, length, outputs, tensors, metadata, BFLOAT16, attention, mode, args.warmup, args.runs, args.profile, batch))
                 # the next case's other implementations run with the defaults again
                 kernels.GPU_CONV, kernels.TRITON_CONV_CONFIG, kernels.TRITON_MHA_CONFIG = default_gpu_conv, default_conv, default_mha
+                kernels.HEAD_KERNEL_CONFIG = default_heads
         if "jax" in impls:
             results.append(bench_jax(length, outputs_name, params, state, metadata, args.warmup, args.runs))
         gc.collect()  # the models of this case are gone: hand their memory back before the next case

@@ -265,6 +265,88 @@ def test_the_model_takes_the_warp_specialized_kernel_where_it_was_measured_faste
     assert kernels._ws_tiles(x[:, :32768], w, None) is None
 
 
+def head_inputs(b: int, s: int, k: int, n: int, seed: int, logit_scale: float = 3.0):
+    """x, weight, bias and per-column parameters of the heads' kernel: the three kinds in runs whose
+    edges are off the kernel's 64-column chunks and 128-column tiles, zero padding columns last."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s, k, generator=g).bfloat16()
+    w = (torch.randn(k, n, generator=g) * (logit_scale / math.sqrt(k))).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16().float()
+    kinds = torch.zeros(n, dtype=torch.int32)
+    runs = [("track", 167), ("squashed_track", 305), ("sigmoid", 260), ("track", 61), ("squashed_track", 99)]
+    start = 0
+    for kind, width in runs:
+        kinds[start : start + width] = kernels.HEAD_KINDS[kind]
+        start += width
+    scale = F.softplus(torch.randn(n, generator=g))
+    data = torch.rand(n, generator=g) * 100
+    scale[start:], data[start:], w[:, start:], bias[start:] = 0, 0, 0, 0
+    return (t.to(DEVICE) for t in (x, w, bias, scale, data, kinds))
+
+
+@pytest.mark.skipif(INTERPRET or not hopper(), reason="needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("data_space", [True, False], ids=["data space", "model space"])
+@pytest.mark.parametrize(("b", "s", "k", "n", "logit_scale"), [(2, 1000, 1536, 960, 3.0), (1, 16384, 1536, 1000, 3.0), (1, 4096, 768, 960, 40.0)])
+def test_heads_kernel_matches_its_reference_on_gpu(b, s, k, n, logit_scale, data_space):
+    """The heads' GEMM and activations in one kernel against the GEMM in float32 and
+    `head_activations`: sequences off the tiles across batch edges, many tiles a program, logits up
+    to ~|150| (softplus's linear branch, the sigmoid's saturation). The sums differ in order only, so
+    values are equal but for a rounding step now and then. Where the softplus or sigmoid, or the
+    prediction, falls below float32's normal range (z < -87), the kernel's SFU ops flush to zero where
+    the reference keeps a subnormal, scaled up to ~1e-37 by the track means: those compare within 1e-30.
+    In the exponential tails (z < -20: softplus, sigmoid < 2e-9) exp2's rounded argument, z log2(e),
+    gives a relative error up to |z| 2^-24 (Inductor's exp has it too): those compare within rtol."""
+    x, w, bias, scale, data, kinds = head_inputs(b, s, k, n, seed=s, logit_scale=logit_scale)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(kernels.HEAD_KERNEL_CONFIG, "ENABLED", True)
+        assert kernels.head_kernel_applies(x, w)
+        out = kernels.head_predictions(x, w, bias, scale, data, kinds, data_space)
+    z = torch.matmul(x.float(), w.float()) + bias
+    ref = kernels.head_activations(z, kinds, scale, data, data_space).to(torch.bfloat16)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    tiny = torch.finfo(torch.float32).tiny
+    activated = torch.where(kinds == kernels.HEAD_KINDS["sigmoid"], torch.sigmoid(z), F.softplus(z))
+    exact = (ref.float().abs() >= tiny) & (activated >= tiny) & (z >= -20)
+    assert exact[..., :892].float().mean() > 0.5
+    assert (out == ref)[exact].float().mean() > 0.999
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-30)
+    assert (out[..., 892:] == 0).all()  # padding columns
+
+
+@pytest.mark.skipif(INTERPRET or not hopper(), reason="needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("scaled", [False, True], ids=["data space", "model space"])
+def test_the_model_with_the_heads_kernel_predicts_what_it_predicts_without_on_gpu(scaled):
+    """Every 1 bp and 128 bp track and splice-usage output of a bf16 model on the GPU, through the
+    heads kernel and through cuBLAS + the activations, compiled as the pipeline compiles it."""
+    from agpipe.model.config import ALL_OUTPUTS, SMALL
+    from agpipe.model.precision import BFLOAT16, compile_options
+    from model_harness import batch, random_model, random_sequence, torch_model
+
+    _, _, tensors, metadata = random_model(SMALL)
+    outputs = tuple(o for o in ALL_OUTPUTS if metadata.real_track_count(0, o.head) > 0)
+    model = torch_model(SMALL, tensors, metadata, 0, outputs, BFLOAT16, "triton").to(DEVICE)
+    x = torch.from_numpy(batch(random_sequence(16384, 6))).to(DEVICE)
+    results = {}
+    for enabled in (False, True):
+        with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
+            mp.setitem(kernels.HEAD_KERNEL_CONFIG, "ENABLED", enabled)
+            torch._dynamo.reset()
+            assert all(f.kernel_applies(torch.empty(1, 128, f.weight.shape[0], device=DEVICE, dtype=torch.bfloat16)) == enabled
+                       for f in model.fused.values())
+            results[enabled] = torch.compile(model, dynamic=False, options=compile_options())(x, scaled=scaled)
+    fused = {(int(r.removeprefix("res_")), head) for r, f in model.fused.items() for head in f.slices}
+    checked = 0
+    for o, ref in results[False].items():
+        if (o.resolution, o.head) in fused:
+            out = results[True][o]
+            assert out.shape == ref.shape and out.dtype == ref.dtype
+            normal = ref.float().abs() >= torch.finfo(torch.float32).tiny
+            assert (out == ref)[normal].float().mean() > 0.999, o
+            torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-30)
+            checked += 1
+    assert checked >= 8
+
+
 @pytest.mark.skipif(INTERPRET, reason="needs CUDA")
 def test_conv_kernel_past_two_to_the_31_elements_on_gpu():
     """A batch of 8 windows of 524,288 x 768 (3.2e9 elements): the last window computed in the batch

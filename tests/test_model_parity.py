@@ -17,7 +17,7 @@ from agpipe.model import jax_reference
 from agpipe.model.agreement import agreement
 from agpipe.model.config import ALL_OUTPUTS, DEFAULT_OUTPUTS, HEADS, OFFICIAL, SMALL, Output
 from agpipe.model.heads import top_splice_sites
-from agpipe.model.kernels import conv_bias_residual, conv_bias_residual_once, conv_bsc
+from agpipe.model.kernels import conv_bias_residual, conv_bias_residual_once, conv_bsc, head_activations, matmul_f32_out
 from agpipe.model.precision import BFLOAT16, FLOAT32, compile_options
 from model_harness import (
     awkward_sequences,
@@ -130,6 +130,33 @@ def test_model_space_on_request():
     means = torch.from_numpy(metadata.head_tracks(0, "rna_seq").nonzero_mean[~metadata.head_tracks(0, "rna_seq").padding])
     clipped = torch.where(scaled > 10, (scaled + 10) ** 2 / 40, scaled)
     torch.testing.assert_close(data, clipped ** (1 / 0.75) * means * 128, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("precision", [FLOAT32, BFLOAT16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["data space", "model space"])
+def test_the_heads_kernels_column_activations_are_every_heads_own(precision, scaled):
+    """The Hopper heads kernel computes each column of the fused GEMM by its kind, scale and
+    data-space factor (`FusedLinear.activations_`); `kernels.head_activations`, the kernel's epilogue
+    in torch, with those columns gives what the model's own per-head path gives."""
+    _, _, tensors, metadata = random_model(SMALL)
+    model = torch_model(SMALL, tensors, metadata, 1, outputs_for(metadata, 1), precision)
+    x = torch.from_numpy(batch(random_sequence(LENGTH, 4)))
+    with torch.no_grad():
+        out = model(x, scaled=scaled)
+        emb = model.embed(x)
+    checked = set()
+    for r, fused in model.fused.items():
+        e = emb.e1 if r == "res_1" else emb.e128
+        z = matmul_f32_out(e, fused.weight) + fused.bias.float()
+        y = head_activations(z, fused.kinds, fused.column_scale, fused.column_data, not scaled).to(precision.output)
+        for o in out:
+            if f"res_{o.resolution}" == r and o.head in fused.slices:
+                a, b = fused.slices[o.head]
+                torch.testing.assert_close(y[..., a:b], out[o], rtol=1e-6, atol=0)
+                checked.add(o)
+    kinds = {HEADS[o.head].kind for o in checked}
+    assert kinds == {"tracks", "splice_usage"} and {o.resolution for o in checked} == {1, 128}
+    assert any(HEADS[o.head].squash for o in checked)
 
 
 @pytest.mark.slow

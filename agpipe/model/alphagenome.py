@@ -140,6 +140,13 @@ class AlphaGenome(nn.Module):
                 module.select_(organism)
             elif hasattr(module, "fold_"):
                 module.fold_(precision.compute)
+        for r, fused in self.fused.items():
+            fused.activations_({
+                o.head: ("sigmoid", None, None) if HEADS[o.head].kind == "splice_usage" else (
+                    "squashed_track" if HEADS[o.head].squash else "track",
+                    self.heads[o.head][r].output_scale, self.heads[o.head].means * o.resolution)
+                for o in self.outputs if f"res_{o.resolution}" == r and o.head in fused.slices
+            })
         for p in self.parameters():
             p.data = p.data.to(precision.compute)
         for block in self.tower.attn:
@@ -176,11 +183,16 @@ class AlphaGenome(nn.Module):
         probs = None
         if "splice_sites_classification" in self.heads:
             probs = torch.softmax(self.heads["splice_sites_classification"](full_e1), dim=-1)
-        logits = {r: fused(emb.e1 if r == "res_1" else emb.e128) for r, fused in self.fused.items()}
+        inputs = {r: emb.e1 if r == "res_1" else emb.e128 for r in self.fused}
+        # one kernel for the GEMM and activations where it applies (Hopper), else GEMM then activations
+        predicted = {r: fused.predictions(inputs[r], not scaled) for r, fused in self.fused.items() if fused.kernel_applies(inputs[r])}
+        logits = {r: fused(inputs[r]) for r, fused in self.fused.items() if r not in predicted}
         for o in self.outputs:
             head = self.heads[o.head]
             kind = HEADS[o.head].kind
-            if kind == "tracks":
+            if f"res_{o.resolution}" in predicted and kind in ("tracks", "splice_usage"):
+                out[o] = predicted[f"res_{o.resolution}"][o.head]
+            elif kind == "tracks":
                 x = head[f"res_{o.resolution}"].activate(logits[f"res_{o.resolution}"][o.head])
                 out[o] = x if scaled else to_data_space(x, head.means, o.resolution, HEADS[o.head].squash)
             elif kind == "contact_maps":

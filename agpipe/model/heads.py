@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agpipe.model.config import ModelConfig
-from agpipe.model.kernels import bmm_f32_out, matmul_f32_out
+from agpipe.model.kernels import HEAD_KINDS, bmm_f32_out, head_kernel_applies, head_predictions, matmul_f32_out
 from agpipe.model.layers import LayerNorm, Linear, RMSBatchNorm, rope, rope_buffer, sigmoid_gelu
 
 SOFT_CLIP = 10.0
@@ -135,6 +135,30 @@ class FusedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         y = matmul_f32_out(x, self.weight) + self.bias.float()
+        return {name: y[..., a:b] for name, (a, b) in self.slices.items()}
+
+    def activations_(self, heads: dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None]]) -> None:
+        """Each column's activation for `predictions`: per head its kind (`kernels.HEAD_KINDS`), output
+        scale (softplus of the learnt scale) and data-space factor (track mean x resolution), float32;
+        padding columns are tracks of scale 0. Built where the weights are (no copies to the host)."""
+        n, device = self.weight.shape[1], self.weight.device
+        kinds = torch.zeros(n, dtype=torch.int32, device=device)
+        scale, data = torch.zeros(n, device=device), torch.zeros(n, device=device)
+        for name, (kind, head_scale, head_data) in heads.items():
+            a, b = self.slices[name]
+            kinds[a:b] = HEAD_KINDS[kind]
+            if head_scale is not None:
+                scale[a:b], data[a:b] = head_scale, head_data
+        for name, t in (("kinds", kinds), ("column_scale", scale), ("column_data", data)):
+            self.register_buffer(name, t, persistent=False)
+
+    def kernel_applies(self, x: torch.Tensor) -> bool:
+        return hasattr(self, "kinds") and head_kernel_applies(x, self.weight)
+
+    def predictions(self, x: torch.Tensor, data_space: bool) -> dict[str, torch.Tensor]:
+        """Every head's predictions in one kernel (where `kernel_applies`): the GEMM, the bias and each
+        column's activation, rounded once to bf16; what `forward` and the heads' activations compute."""
+        y = head_predictions(x, self.weight, self.bias.float(), self.column_scale, self.column_data, self.kinds, data_space)
         return {name: y[..., a:b] for name, (a, b) in self.slices.items()}
 
 

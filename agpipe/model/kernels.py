@@ -458,3 +458,92 @@ def conv_bsc(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x @ weight[:, :, 0, 0].t()
     y = F.conv2d(x.permute(0, 2, 1)[:, :, None, :], weight, padding=(0, weight.shape[-1] // 2))
     return y[:, :, 0, :].permute(0, 2, 1)
+
+
+# The track heads of one resolution in one kernel: their fused GEMM with each column's activation in
+# a warp-specialized epilogue (`heads_gluon._heads_fwd_ws`, Hopper), bf16 predictions out and no
+# float32 logits in memory. Without it (off, or another card): cuBLAS's GEMM writing float32 logits,
+# then Inductor's activation passes over them. H100, 2026-12-07: 71.9 -> 71.5 ms at 524,288 bp all
+# outputs (peak 8.9 -> 7.0 GiB), 30.0 -> 29.1 at 128 bp, 151.1 -> 146.6 ms at 1 Mb (16.7 -> 11.2 GiB).
+HEAD_KERNEL_CONFIG = {"ENABLED": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "STAGES": 4}
+# A column's activation (`heads_gluon`'s TRACK, SQUASHED_TRACK, SIGMOID): a genome-track head's, the
+# same with the RNA-seq power, the splice-usage sigmoid.
+HEAD_KINDS = {"track": 0, "squashed_track": 1, "sigmoid": 2}
+
+
+@functools.cache
+def _heads_ws_kernel():
+    """The heads' Hopper kernel, or None where this triton lacks Gluon's Hopper language."""
+    try:
+        from agpipe.model import heads_gluon
+    except ImportError:
+        return None
+    return heads_gluon._heads_fwd_ws
+
+
+def head_kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `head_predictions` takes x (B, S, K) and weight (K, N): enabled, a Hopper card (wgmma),
+    bf16, and the 16-byte aligned rows TMA descriptors need."""
+    return (
+        bool(HEAD_KERNEL_CONFIG["ENABLED"]) and x.is_cuda and x.dim() == 3 and x.dtype == weight.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] == 9 and x.stride(-1) == 1 and _tma_rows(x)
+        and weight.is_contiguous() and weight.shape[1] % 8 == 0 and weight.data_ptr() % 16 == 0
+        and x.shape[-1] == weight.shape[0] and triton_available() and _heads_ws_kernel() is not None
+    )
+
+
+def head_activations(z: torch.Tensor, kinds: torch.Tensor, scale: torch.Tensor, data: torch.Tensor, data_space: bool) -> torch.Tensor:
+    """The reference of the kernel's epilogue: float32 logits z (..., N) (bias added) -> each column's
+    activation, the ops of `heads.TrackHead.activate`, `heads.to_data_space` and the sigmoid, in float32."""
+    from agpipe.model.heads import SOFT_CLIP
+
+    x = F.softplus(z) * scale
+    if data_space:
+        x = torch.where(x > SOFT_CLIP, (x + SOFT_CLIP) ** 2 / (4 * SOFT_CLIP), x)
+        x = torch.where(kinds == HEAD_KINDS["squashed_track"], torch.exp2(torch.log2(x) * (1.0 / 0.75)), x)
+        x = x * data
+    return torch.where(kinds == HEAD_KINDS["sigmoid"], torch.sigmoid(z), x)
+
+
+def _launch_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, data: torch.Tensor,
+                  kinds: torch.Tensor, data_space: bool) -> torch.Tensor:
+    """Runs `heads_gluon._heads_fwd_ws`, one persistent program per SM."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    cfg = HEAD_KERNEL_CONFIG
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    bsz, s, k_dim = x.shape
+    n = weight.shape[1]
+    out = torch.empty(bsz, s, n, device=x.device, dtype=x.dtype)
+
+    def desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+
+    tiles_m, tiles_n = -(-s // bm), -(-n // bn)
+    num_tiles = bsz * tiles_m * tiles_n
+    _heads_ws_kernel()[(min(num_tiles, _sm_count(x.device)),)](
+        desc(x, [1, bm, bk]), desc(weight, [bk, bn]), desc(out, [1, bm, bn]), bias, scale, data, kinds,
+        k_dim, n, tiles_m, tiles_n, num_tiles, DATA_SPACE=data_space, STAGES=cfg["STAGES"], num_warps=4, maxnreg=168,
+    )
+    return out
+
+
+@torch.library.custom_op("agpipe::head_predictions", mutates_args=())
+def _heads_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, data: torch.Tensor,
+              kinds: torch.Tensor, data_space: bool) -> torch.Tensor:
+    return _launch_heads(x, weight, bias, scale, data, kinds, data_space)
+
+
+@_heads_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, data: torch.Tensor,
+      kinds: torch.Tensor, data_space: bool) -> torch.Tensor:
+    return x.new_empty(*x.shape[:2], weight.shape[1])
+
+
+def head_predictions(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, data: torch.Tensor,
+                     kinds: torch.Tensor, data_space: bool) -> torch.Tensor:
+    """x (B, S, K) bf16 @ weight (K, N) + bias, then each column's activation (`head_activations`;
+    per column: float32 bias, scale, data, int32 kinds), rounded once to bf16: (B, S, N). Only where
+    `head_kernel_applies`."""
+    return torch.ops.agpipe.head_predictions(x, weight, bias, scale, data, kinds, data_space)
