@@ -21,9 +21,10 @@ The activations are the float32 ops of `heads.TrackHead.activate`, `heads.to_dat
 `torch.sigmoid`, evaluated with the SFU's approximate exp2, log2 and reciprocal (the exp Inductor
 emits is that exp2 too) and softplus's log1p as a short series: ~25 instructions a value. The
 twelfth session's version, with libdevice's log1p, log2, exp2 and IEEE divisions (~110 a value),
-took 22.6 ms a 524,288 bp window (both resolutions); this one 8.8 (H100), where cuBLAS's GEMM and Inductor's passes
-take ~10.3 at 1 bp alone. Below float32's normal range the SFU ops flush to zero (values under ~1e-36). Each 64 columns evaluate only the kinds they hold, so the
-RNA-seq power and the sigmoid cost nothing in the other heads' tiles.
+took 22.6 ms a 524,288 bp window (both resolutions); this one 8.8 (H100), where cuBLAS's GEMM and
+Inductor's passes take ~10.3 at 1 bp alone. Below float32's normal range the SFU ops flush to zero
+(predictions under ~1e-36). Each 64 columns evaluate only the kinds they hold, so the RNA-seq power
+and the sigmoid cost nothing in the other heads' tiles.
 """
 
 from triton.experimental import gluon
