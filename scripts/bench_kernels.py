@@ -2,7 +2,8 @@
 fused attention kernels (FlexAttention, the hand-written Triton one) against the reference attention.
 Prints one line per variant; --triton-configs sweeps the Triton attention kernel's tiles instead,
 --conv [--out FILE.json] the Triton convolution's tiles over the model's convolutions against cuDNN,
---head-transforms [--out FILE.json] what the 1 bp RNA-seq head's math after its GEMM costs, step by step."""
+--head-transforms [--out FILE.json] what the 1 bp RNA-seq head's math after its GEMM costs, step by step,
+--heads [--out FILE.json] the heads' kernel against cuBLAS's GEMM + Inductor's activations at the model's shapes."""
 
 from __future__ import annotations
 
@@ -248,6 +249,54 @@ def head_transforms(out: str | None) -> None:
         summary = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "logits": list(logits.shape), "variants": rows}
         Path(out).write_text(json.dumps(summary, indent=1))
 
+# The heads of one resolution at a 524,288 bp window (official model, human): positions, embedding
+# width, fused columns (real tracks padded to 64), and each head's (kind, tracks) in column order.
+HEAD_SHAPES = {
+    "1 bp": (524288, 1536, 2496, [("track", 167 + 305 + 12 + 546), ("squashed_track", 667), ("sigmoid", 4 + 734)]),
+    "128 bp": (4096, 3072, 4480, [("track", 167 + 305 + 12 + 546), ("squashed_track", 667), ("track", 1617 + 1116)]),
+}
+
+
+def heads(out: str | None) -> None:
+    """`kernels.head_predictions` (one kernel: GEMM, bias, each column's activation, bf16 out) against
+    what the model runs without it: cuBLAS's GEMM writing float32 logits (`matmul_f32_out`) and the
+    same activations compiled by Inductor (`head_activations`), on random inputs of the model's shapes."""
+    import json
+
+    from agpipe.model.precision import compile_options
+
+    rows = []
+    for name, (s, k, n, runs) in HEAD_SHAPES.items():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(1, s, k, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(k, n, device="cuda", generator=g) * (3 / k**0.5)).bfloat16()
+        bias = torch.randn(n, device="cuda", generator=g)
+        kinds = torch.zeros(n, dtype=torch.int32, device="cuda")
+        start = 0
+        for kind, width in runs:
+            kinds[start : start + width] = kernels.HEAD_KINDS[kind]
+            start += width
+        scale = F.softplus(torch.randn(n, device="cuda", generator=g))
+        data = torch.rand(n, device="cuda", generator=g) * 100
+        activate = torch.compile(lambda z: kernels.head_activations(z, kinds, scale, data, True).to(torch.bfloat16),
+                                 dynamic=False, options=compile_options())
+        logits = kernels.matmul_f32_out(x, w) + bias
+        gemm_ms = median_ms(lambda: kernels.matmul_f32_out(x, w) + bias)
+        activate_ms = median_ms(lambda: activate(logits))
+        ref = activate(logits)
+        assert kernels.head_kernel_applies(x, w)
+        y = kernels.head_predictions(x, w, bias, scale, data, kinds, True)
+        kernel_ms = median_ms(lambda: kernels.head_predictions(x, w, bias, scale, data, kinds, True))
+        tflop = 2 * s * k * n / 1e12
+        row = {"shape": name, "s": s, "k": k, "n": n, "tflop": tflop, "kernel_ms": kernel_ms, "kernel_tflops": tflop / kernel_ms * 1e3,
+               "cublas_gemm_ms": gemm_ms, "inductor_activations_ms": activate_ms, "cublas_tflops": tflop / gemm_ms * 1e3,
+               "equal_fraction": (y == ref).float().mean().item(), "config": dict(kernels.HEAD_KERNEL_CONFIG)}
+        rows.append(row)
+        print(f"heads {name}: kernel {kernel_ms:.3f} ms ({row['kernel_tflops']:.0f} TFLOP/s) against cuBLAS {gemm_ms:.3f} "
+              f"({row['cublas_tflops']:.0f} TFLOP/s) + activations {activate_ms:.3f} ms; equal to it {row['equal_fraction']:.5f}", flush=True)
+    if out:
+        Path(out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+
 
 def attention() -> None:
     for s in (4096, 8192):
@@ -279,6 +328,8 @@ if __name__ == "__main__":
         triton_configs()
     elif "--head-transforms" in sys.argv:
         head_transforms(sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None)
+    elif "--heads" in sys.argv:
+        heads(sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None)
     elif "--conv" in sys.argv:
         conv_kernel(sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None)
     else:
