@@ -285,15 +285,23 @@ def heads(out: str | None) -> None:
         activate_ms = median_ms(lambda: activate(logits))
         ref = activate(logits)
         assert kernels.head_kernel_applies(x, w)
-        y = kernels.head_predictions(x, w, bias, scale, data, kinds, True)
-        kernel_ms = median_ms(lambda: kernels.head_predictions(x, w, bias, scale, data, kinds, True))
         tflop = 2 * s * k * n / 1e12
-        row = {"shape": name, "s": s, "k": k, "n": n, "tflop": tflop, "kernel_ms": kernel_ms, "kernel_tflops": tflop / kernel_ms * 1e3,
-               "cublas_gemm_ms": gemm_ms, "inductor_activations_ms": activate_ms, "cublas_tflops": tflop / gemm_ms * 1e3,
-               "equal_fraction": (y == ref).float().mean().item(), "config": dict(kernels.HEAD_KERNEL_CONFIG)}
-        rows.append(row)
-        print(f"heads {name}: kernel {kernel_ms:.3f} ms ({row['kernel_tflops']:.0f} TFLOP/s) against cuBLAS {gemm_ms:.3f} "
-              f"({row['cublas_tflops']:.0f} TFLOP/s) + activations {activate_ms:.3f} ms; equal to it {row['equal_fraction']:.5f}", flush=True)
+        default = dict(kernels.HEAD_KERNEL_CONFIG)
+        first = None
+        for warps in kernels.HEAD_REGISTERS:  # the epilogue's warps
+            kernels.HEAD_KERNEL_CONFIG = {**default, "EPI_WARPS": warps}
+            y = kernels.head_predictions(x, w, bias, scale, data, kinds, True)
+            first = y if first is None else first
+            kernel_ms = median_ms(lambda: kernels.head_predictions(x, w, bias, scale, data, kinds, True))
+            row = {"shape": name, "s": s, "k": k, "n": n, "tflop": tflop, "kernel_ms": kernel_ms, "kernel_tflops": tflop / kernel_ms * 1e3,
+                   "cublas_gemm_ms": gemm_ms, "inductor_activations_ms": activate_ms, "cublas_tflops": tflop / gemm_ms * 1e3,
+                   "equal_fraction": (y == ref).float().mean().item(), "same_as_first": bool(torch.equal(y, first)),
+                   "config": dict(kernels.HEAD_KERNEL_CONFIG)}
+            rows.append(row)
+            print(f"heads {name}, {warps} epilogue warps: kernel {kernel_ms:.3f} ms ({row['kernel_tflops']:.0f} TFLOP/s) against cuBLAS "
+                  f"{gemm_ms:.3f} ({row['cublas_tflops']:.0f} TFLOP/s) + activations {activate_ms:.3f} ms; equal to it "
+                  f"{row['equal_fraction']:.5f}; bitwise as with {next(iter(kernels.HEAD_REGISTERS))}: {row['same_as_first']}", flush=True)
+        kernels.HEAD_KERNEL_CONFIG = default
     if out:
         Path(out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
 

@@ -166,8 +166,9 @@ def _epilogue_partition(o_desc, sums, staging, sums_full, sums_free, bias_ptr, s
     # its columns' four parameters did not fit the registers
     CHUNK: gl.constexpr = 64
     dtype: gl.constexpr = o_desc.dtype
-    # the MMA warpgroup's accumulator layout restricted to CHUNK columns: the same thread for each value
-    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, CHUNK, 16])
+    # the MMA warpgroup's accumulator layout restricted to CHUNK columns, over this partition's warps
+    # (with 4, the same thread for each value)
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, CHUNK, 16])
     col_layout: gl.constexpr = gl.SliceLayout(0, layout)
     out_layout: gl.constexpr = gl.NVMMASharedLayout(staging.type.layout.swizzle_byte_width, dtype.primitive_bitwidth, rank=2)
     out = staging._reinterpret(dtype, [BLOCK_M, BLOCK_N], out_layout)
@@ -216,10 +217,12 @@ def _load_worker(x_desc, w_desc, o_desc, a_bufs, b_bufs, sums, staging, ready, e
 
 @gluon.jit
 def _heads_fwd_ws(x_desc, w_desc, o_desc, bias_ptr, scale_ptr, data_ptr, kind_ptr,
-                  k_dim, n, tiles_m, tiles_n, num_tiles, DATA_SPACE: gl.constexpr, STAGES: gl.constexpr):
+                  k_dim, n, tiles_m, tiles_n, num_tiles, DATA_SPACE: gl.constexpr, STAGES: gl.constexpr,
+                  MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr):
     """x_desc (B, S, K) [1, BLOCK_M, BLOCK_K]; w_desc (K, N) [BLOCK_K, BLOCK_N]; o_desc (B, S, N)
     [1, BLOCK_M, BLOCK_N]; per column (N,): bias, scale (softplus of the learnt scale), data (track
-    mean x resolution), kind (int32). Launch with 4 warps (the epilogue); the MMA warpgroup and the producer are workers."""
+    mean x resolution), kind (int32). Launch with the epilogue's warps (4 or 8); the MMA warpgroup and
+    the producer are workers with MMA_REGS and LOAD_REGS registers a thread (`kernels.HEAD_REGISTERS`)."""
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[2]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
@@ -240,11 +243,9 @@ def _heads_fwd_ws(x_desc, w_desc, o_desc, bias_ptr, scale_ptr, data_ptr, kind_pt
     mbarrier.init(sums_free, count=1)
     args = (x_desc, w_desc, o_desc, a_bufs, b_bufs, sums, staging, ready, empty, sums_full, sums_free,
             bias_ptr, scale_ptr, data_ptr, kind_ptr, k_dim, n, tiles_m, tiles_n, num_tiles, DATA_SPACE)
-    # registers: 232 for the MMA warpgroup (its 128 x 128 float32 accumulator is 128 of them) and the
-    # epilogue, 40 for the producer
     gl.warp_specialize([
         (_epilogue_partition, (o_desc, sums, staging, sums_full, sums_free, bias_ptr, scale_ptr, data_ptr, kind_ptr,
                                n, tiles_m, tiles_n, num_tiles, DATA_SPACE)),
         (_mma_worker, args),
         (_load_worker, args),
-    ], [4, 1], [232, 40])
+    ], [4, 1], [MMA_REGS, LOAD_REGS])

@@ -465,7 +465,12 @@ def conv_bsc(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # float32 logits in memory. Without it (off, or another card): cuBLAS's GEMM writing float32 logits,
 # then Inductor's activation passes over them. H100, 2026-12-07: 71.9 -> 71.5 ms at 524,288 bp all
 # outputs (peak 8.9 -> 7.0 GiB), 30.0 -> 29.1 at 128 bp, 151.1 -> 146.6 ms at 1 Mb (16.7 -> 11.2 GiB).
-HEAD_KERNEL_CONFIG = {"ENABLED": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "STAGES": 4}
+HEAD_KERNEL_CONFIG = {"ENABLED": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "STAGES": 4, "EPI_WARPS": 4}
+# Registers a thread by the epilogue's warps: (launch maxnreg, MMA warpgroup, producer). The launch
+# rounds the 1-warp producer up to a warpgroup, so the pool is maxnreg x (epilogue + 8 warps) x 32
+# (64K registers an SM at most); the epilogue gets what the workers leave: 232 with 4 warps, 152 with 8.
+# The MMA warpgroup's 128 x 128 float32 accumulator is 128 of its registers.
+HEAD_REGISTERS = {4: (168, 232, 40), 8: (128, 184, 24)}
 # A column's activation (`heads_gluon`'s TRACK, SQUASHED_TRACK, SIGMOID): a genome-track head's, the
 # same with the RNA-seq power, the splice-usage sigmoid.
 HEAD_KINDS = {"track": 0, "squashed_track": 1, "sigmoid": 2}
@@ -522,9 +527,11 @@ def _launch_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sca
 
     tiles_m, tiles_n = -(-s // bm), -(-n // bn)
     num_tiles = bsz * tiles_m * tiles_n
+    maxnreg, mma_regs, load_regs = HEAD_REGISTERS[cfg["EPI_WARPS"]]
     _heads_ws_kernel()[(min(num_tiles, _sm_count(x.device)),)](
         desc(x, [1, bm, bk]), desc(weight, [bk, bn]), desc(out, [1, bm, bn]), bias, scale, data, kinds,
-        k_dim, n, tiles_m, tiles_n, num_tiles, DATA_SPACE=data_space, STAGES=cfg["STAGES"], num_warps=4, maxnreg=168,
+        k_dim, n, tiles_m, tiles_n, num_tiles, DATA_SPACE=data_space, STAGES=cfg["STAGES"],
+        MMA_REGS=mma_regs, LOAD_REGS=load_regs, num_warps=cfg["EPI_WARPS"], maxnreg=maxnreg,
     )
     return out
 
