@@ -36,6 +36,12 @@ TRACK = gl.constexpr(0)
 SQUASHED_TRACK = gl.constexpr(1)
 SIGMOID = gl.constexpr(2)
 LOG2E = gl.constexpr(1.4426950408889634)
+# What the kernel runs (`PARTS`): everything; the epilogue without the activations (bias added, rounded,
+# stored); the MMA warpgroup's products alone (no sums handed over, nothing written). The two less
+# than everything are for `scripts/bench_kernels.py --heads`, which times them to tell which part binds.
+ALL_PARTS = gl.constexpr(2)
+NO_ACTIVATION = gl.constexpr(1)
+PRODUCTS_ONLY = gl.constexpr(0)
 
 
 @gluon.jit
@@ -65,7 +71,7 @@ def _load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, k_dim, tiles_m
 
 
 @gluon.jit
-def _mma_partition(a_bufs, b_bufs, sums, ready, empty, sums_full, sums_free, k_dim, num_tiles):
+def _mma_partition(a_bufs, b_bufs, sums, ready, empty, sums_full, sums_free, k_dim, num_tiles, PARTS: gl.constexpr):
     STAGES: gl.constexpr = a_bufs.shape[0]
     BLOCK_M: gl.constexpr = a_bufs.shape[2]
     BLOCK_K: gl.constexpr = a_bufs.shape[3]
@@ -93,10 +99,11 @@ def _mma_partition(a_bufs, b_bufs, sums, ready, empty, sums_full, sums_free, k_d
         acc = warpgroup_mma_wait(0, deps=(acc,))
         gl.thread_barrier()
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-        mbarrier.wait(sums_free, (done & 1) ^ 1)  # the epilogue has read the last tile's sums
-        sums.store(acc)
-        gl.thread_barrier()
-        mbarrier.arrive(sums_full)
+        if PARTS != PRODUCTS_ONLY:
+            mbarrier.wait(sums_free, (done & 1) ^ 1)  # the epilogue has read the last tile's sums
+            sums.store(acc)
+            gl.thread_barrier()
+            mbarrier.arrive(sums_full)
         done += 1
 
 
@@ -159,7 +166,15 @@ def _activation(z, kind, scale, data, present, DATA_SPACE: gl.constexpr):
 
 @gluon.jit
 def _epilogue_partition(o_desc, sums, staging, sums_full, sums_free, bias_ptr, scale_ptr, data_ptr, kind_ptr,
-                        n, tiles_m, tiles_n, num_tiles, DATA_SPACE: gl.constexpr):
+                        n, tiles_m, tiles_n, num_tiles, DATA_SPACE: gl.constexpr, PARTS: gl.constexpr):
+    if PARTS != PRODUCTS_ONLY:
+        _epilogue(o_desc, sums, staging, sums_full, sums_free, bias_ptr, scale_ptr, data_ptr, kind_ptr,
+                  n, tiles_m, tiles_n, num_tiles, DATA_SPACE, PARTS)
+
+
+@gluon.jit
+def _epilogue(o_desc, sums, staging, sums_full, sums_free, bias_ptr, scale_ptr, data_ptr, kind_ptr,
+              n, tiles_m, tiles_n, num_tiles, DATA_SPACE: gl.constexpr, PARTS: gl.constexpr):
     BLOCK_M: gl.constexpr = sums.shape[0]
     BLOCK_N: gl.constexpr = sums.shape[1]
     # 64 columns at a time (the 128-byte swizzle span of the bf16 staging): a whole tile's values and
@@ -189,7 +204,9 @@ def _epilogue_partition(o_desc, sums, staging, sums_full, sums_free, bias_ptr, s
             if j == BLOCK_N // CHUNK - 1:
                 gl.thread_barrier()
                 mbarrier.arrive(sums_free)  # the MMA warpgroup may write the next tile's sums
-            y = _activation(z + bias, kind, scale, data, present, DATA_SPACE)
+            y = z + bias
+            if PARTS == ALL_PARTS:
+                y = _activation(y, kind, scale, data, present, DATA_SPACE)
             if j == 0:
                 tma.store_wait(0)  # the last tile's store has left the staging buffer
                 gl.thread_barrier()
@@ -204,21 +221,21 @@ def _epilogue_partition(o_desc, sums, staging, sums_full, sums_free, bias_ptr, s
 @gluon.jit
 def _mma_worker(x_desc, w_desc, o_desc, a_bufs, b_bufs, sums, staging, ready, empty, sums_full, sums_free,
                 bias_ptr, scale_ptr, data_ptr, kind_ptr, k_dim, n, tiles_m, tiles_n, num_tiles,
-                DATA_SPACE: gl.constexpr):
-    _mma_partition(a_bufs, b_bufs, sums, ready, empty, sums_full, sums_free, k_dim, num_tiles)
+                DATA_SPACE: gl.constexpr, PARTS: gl.constexpr):
+    _mma_partition(a_bufs, b_bufs, sums, ready, empty, sums_full, sums_free, k_dim, num_tiles, PARTS)
 
 
 @gluon.jit
 def _load_worker(x_desc, w_desc, o_desc, a_bufs, b_bufs, sums, staging, ready, empty, sums_full, sums_free,
                  bias_ptr, scale_ptr, data_ptr, kind_ptr, k_dim, n, tiles_m, tiles_n, num_tiles,
-                 DATA_SPACE: gl.constexpr):
+                 DATA_SPACE: gl.constexpr, PARTS: gl.constexpr):
     _load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, k_dim, tiles_m, tiles_n, num_tiles)
 
 
 @gluon.jit
 def _heads_fwd_ws(x_desc, w_desc, o_desc, bias_ptr, scale_ptr, data_ptr, kind_ptr,
                   k_dim, n, tiles_m, tiles_n, num_tiles, DATA_SPACE: gl.constexpr, STAGES: gl.constexpr,
-                  MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr):
+                  MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, PARTS: gl.constexpr = ALL_PARTS):
     """x_desc (B, S, K) [1, BLOCK_M, BLOCK_K]; w_desc (K, N) [BLOCK_K, BLOCK_N]; o_desc (B, S, N)
     [1, BLOCK_M, BLOCK_N]; per column (N,): bias, scale (softplus of the learnt scale), data (track
     mean x resolution), kind (int32). Launch with the epilogue's warps (4 or 8); the MMA warpgroup and
@@ -242,10 +259,10 @@ def _heads_fwd_ws(x_desc, w_desc, o_desc, bias_ptr, scale_ptr, data_ptr, kind_pt
     mbarrier.init(sums_full, count=1)
     mbarrier.init(sums_free, count=1)
     args = (x_desc, w_desc, o_desc, a_bufs, b_bufs, sums, staging, ready, empty, sums_full, sums_free,
-            bias_ptr, scale_ptr, data_ptr, kind_ptr, k_dim, n, tiles_m, tiles_n, num_tiles, DATA_SPACE)
+            bias_ptr, scale_ptr, data_ptr, kind_ptr, k_dim, n, tiles_m, tiles_n, num_tiles, DATA_SPACE, PARTS)
     gl.warp_specialize([
         (_epilogue_partition, (o_desc, sums, staging, sums_full, sums_free, bias_ptr, scale_ptr, data_ptr, kind_ptr,
-                               n, tiles_m, tiles_n, num_tiles, DATA_SPACE)),
+                               n, tiles_m, tiles_n, num_tiles, DATA_SPACE, PARTS)),
         (_mma_worker, args),
         (_load_worker, args),
     ], [4, 1], [MMA_REGS, LOAD_REGS])

@@ -471,6 +471,7 @@ HEAD_KERNEL_CONFIG = {"ENABLED": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K"
 # (64K registers an SM at most); the epilogue gets what the workers leave: 232 with 4 warps, 152 with 8.
 # The MMA warpgroup's 128 x 128 float32 accumulator is 128 of its registers.
 HEAD_REGISTERS = {4: (168, 232, 40), 8: (128, 184, 24)}
+HEAD_KERNEL_PARTS = {"all": 2, "no_activation": 1, "products_only": 0}  # heads_gluon.ALL_PARTS and the rest
 # A column's activation (`heads_gluon`'s TRACK, SQUASHED_TRACK, SIGMOID): a genome-track head's, the
 # same with the RNA-seq power, the splice-usage sigmoid.
 HEAD_KINDS = {"track": 0, "squashed_track": 1, "sigmoid": 2}
@@ -511,8 +512,9 @@ def head_activations(z: torch.Tensor, kinds: torch.Tensor, scale: torch.Tensor, 
 
 
 def _launch_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, data: torch.Tensor,
-                  kinds: torch.Tensor, data_space: bool) -> torch.Tensor:
-    """Runs `heads_gluon._heads_fwd_ws`, one persistent program per SM."""
+                  kinds: torch.Tensor, data_space: bool, parts: str = "all") -> torch.Tensor:
+    """Runs `heads_gluon._heads_fwd_ws`, one persistent program per SM. `parts` other than "all"
+    ("no_activation", "products_only": `heads_gluon.ALL_PARTS`) leave work out, for timing only."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -531,7 +533,7 @@ def _launch_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sca
     _heads_ws_kernel()[(min(num_tiles, _sm_count(x.device)),)](
         desc(x, [1, bm, bk]), desc(weight, [bk, bn]), desc(out, [1, bm, bn]), bias, scale, data, kinds,
         k_dim, n, tiles_m, tiles_n, num_tiles, DATA_SPACE=data_space, STAGES=cfg["STAGES"],
-        MMA_REGS=mma_regs, LOAD_REGS=load_regs, num_warps=cfg["EPI_WARPS"], maxnreg=maxnreg,
+        MMA_REGS=mma_regs, LOAD_REGS=load_regs, PARTS=HEAD_KERNEL_PARTS[parts], num_warps=cfg["EPI_WARPS"], maxnreg=maxnreg,
     )
     return out
 
