@@ -5,6 +5,8 @@ Layout (default ~/.cache/agpipe):
     weights/demo-v1.safetensors    the demo model, written on first use
     metadata/                      the official track metadata (textproto), checked by sha256
     jax-cache/                     compiled JAX reference programs (the parity check), reused across runs
+    compile-cache/inductor/        torch.compile's compiled model (Inductor's FX graph and kernel caches)
+    compile-cache/triton/          compiled Triton and Gluon kernels (ours and Inductor's)
     sha256/                        digests of weights files by their stat (checkpoint.file_sha256)
     pycache/                       Python bytecode, where the environment forbids writing it beside the sources
 """
@@ -15,8 +17,10 @@ import os
 import sys
 from pathlib import Path
 
-# The variables that carry keep_bytecode's choice to the processes Ray starts on other nodes.
+# The variables that carry keep_bytecode's and keep_compile_cache's choices to the processes Ray
+# starts on other nodes.
 BYTECODE_ENV = ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")
+COMPILE_CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 def agpipe_home() -> Path:
@@ -35,3 +39,13 @@ def keep_bytecode() -> None:
     os.environ["PYTHONDONTWRITEBYTECODE"] = ""  # empty is unset to Python, and overrides the value on other nodes
     sys.pycache_prefix = prefix
     sys.dont_write_bytecode = False
+
+
+def keep_compile_cache() -> None:
+    """torch.compile's caches and Triton's in AGPIPE_HOME/compile-cache, for this process and the ones
+    it starts: a worker that finds the model compiled starts in ~20 s instead of ~60 (H100,
+    docs/performance.md). Their defaults, /tmp/torchinductor_<user> and ~/.triton/cache, are split
+    between two places and the first is lost whenever /tmp is cleared. A folder the user chose is kept."""
+    folder = agpipe_home() / "compile-cache"
+    for name, sub in zip(COMPILE_CACHE_ENV, ("inductor", "triton")):
+        os.environ.setdefault(name, str(folder / sub))

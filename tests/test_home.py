@@ -65,3 +65,30 @@ def test_the_command_line_keeps_the_bytecode_of_what_it_imports(tmp_path, small_
            "--window", WINDOW, "--crop", CROP, "--dry-run", PYTHONDONTWRITEBYTECODE="1")
     kept = {p.name.split(".")[0] for p in (tmp_path / "home" / "pycache").rglob("*.pyc")}
     assert {"cli", "plan", "options", "run", "estimate"} <= kept
+
+
+COMPILE_PROBE = """
+import os, torch
+from agpipe.home import keep_compile_cache
+keep_compile_cache()
+torch.compile(lambda x: torch.sin(x) * 2 + 1)(torch.randn(64))
+print(os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"])
+"""
+
+
+def test_the_compiled_model_is_kept_in_agpipe_home(tmp_path):
+    base = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    result = subprocess.run([sys.executable, "-c", COMPILE_PROBE], env={**base, "AGPIPE_HOME": str(tmp_path / "home")},
+                            capture_output=True, text=True, cwd=REPO, check=True)
+    cache = tmp_path / "home" / "compile-cache"
+    assert result.stdout.split() == [str(cache / "inductor"), str(cache / "triton")]
+    assert any(p.is_file() for p in (cache / "inductor").rglob("*"))  # what a second worker reads instead of compiling
+
+
+def test_a_compile_cache_the_user_chose_is_kept(tmp_path):
+    mine = tmp_path / "mine"
+    result = subprocess.run([sys.executable, "-c", COMPILE_PROBE], env={**os.environ, "AGPIPE_HOME": str(tmp_path / "home"),
+                            "TORCHINDUCTOR_CACHE_DIR": str(mine / "inductor"), "TRITON_CACHE_DIR": str(mine / "triton")},
+                            capture_output=True, text=True, cwd=REPO, check=True)
+    assert result.stdout.split() == [str(mine / "inductor"), str(mine / "triton")]
+    assert any(p.is_file() for p in (mine / "inductor").rglob("*")) and not (tmp_path / "home" / "compile-cache").exists()

@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from agpipe import __version__
-from agpipe.home import BYTECODE_ENV
+from agpipe.home import BYTECODE_ENV, COMPILE_CACHE_ENV
 from agpipe.io.parquet import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
@@ -348,7 +348,7 @@ def cluster_nodes(driver_node_id: str) -> list[Node]:
 def start_workers(job: Job, execution: Execution, placement: list[str]) -> tuple[list, str, dict[str, float]]:
     """The model workers, each pinned to its node (see resolve_execution), loaded and ready; what
     they run on; and the slowest worker's start seconds (read, load, compile)."""
-    env = {name: os.environ[name] for name in (EXIT_ON_BATCH_ENV, *BYTECODE_ENV) if name in os.environ}
+    env = {name: os.environ[name] for name in (EXIT_ON_BATCH_ENV, *BYTECODE_ENV, *COMPILE_CACHE_ENV) if name in os.environ}
     actor = ray.remote(ModelWorker)
     options = dict(
         num_gpus=1 if execution.device == "cuda" else 0,
