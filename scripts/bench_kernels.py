@@ -261,7 +261,7 @@ def heads(out: str | None) -> None:
     """`kernels.head_predictions` (one kernel: GEMM, bias, each column's activation, bf16 out) against
     what the model runs without it: cuBLAS's GEMM writing float32 logits (`matmul_f32_out`) and the
     same activations compiled by Inductor (`head_activations`), on random inputs of the model's shapes;
-    for each of the epilogue's warp counts, and with the activations, then the whole epilogue, left out."""
+    for each of `kernels.HEAD_KERNEL_VARIANTS`, and with the activations, then the whole epilogue, left out."""
     import json
 
     from agpipe.model.precision import compile_options
@@ -290,26 +290,27 @@ def heads(out: str | None) -> None:
         tflop = 2 * s * k * n / 1e12
         default = dict(kernels.HEAD_KERNEL_CONFIG)
         first = None
-        for warps in kernels.HEAD_REGISTERS:  # the epilogue's warps
-            kernels.HEAD_KERNEL_CONFIG = {**default, "EPI_WARPS": warps}
+        for label, variant in kernels.HEAD_KERNEL_VARIANTS.items():
+            kernels.HEAD_KERNEL_CONFIG = {**default, **variant}
             y = kernels.head_predictions(x, w, bias, scale, data, kinds, True)
             first = y if first is None else first
             kernel_ms = median_ms(lambda: kernels.head_predictions(x, w, bias, scale, data, kinds, True))
-            row = {"shape": name, "s": s, "k": k, "n": n, "tflop": tflop, "kernel_ms": kernel_ms, "kernel_tflops": tflop / kernel_ms * 1e3,
-                   "cublas_gemm_ms": gemm_ms, "inductor_activations_ms": activate_ms, "cublas_tflops": tflop / gemm_ms * 1e3,
-                   "cublas_bf16_out_gemm_ms": bf16_gemm_ms, "equal_fraction": (y == ref).float().mean().item(), "same_as_first": bool(torch.equal(y, first)),
+            row = {"shape": name, "variant": label, "s": s, "k": k, "n": n, "tflop": tflop, "kernel_ms": kernel_ms,
+                   "kernel_tflops": tflop / kernel_ms * 1e3, "cublas_gemm_ms": gemm_ms, "inductor_activations_ms": activate_ms,
+                   "cublas_tflops": tflop / gemm_ms * 1e3, "cublas_bf16_out_gemm_ms": bf16_gemm_ms,
+                   "equal_fraction": (y == ref).float().mean().item(), "same_as_first": bool(torch.equal(y, first)),
                    "config": dict(kernels.HEAD_KERNEL_CONFIG)}
             # the kernel with parts left out: which one binds
             for parts in kernels.HEAD_KERNEL_PARTS:
                 row[f"{parts}_ms"] = median_ms(lambda: kernels._launch_heads(x, w, bias, scale, data, kinds, True, parts=parts))
             rows.append(row)
-            print(f"heads {name}, {warps} epilogue warps: kernel {kernel_ms:.3f} ms ({row['kernel_tflops']:.0f} TFLOP/s) against cuBLAS "
-                  f"{gemm_ms:.3f} ({row['cublas_tflops']:.0f} TFLOP/s) + activations {activate_ms:.3f} ms; equal to it "
-                  f"{row['equal_fraction']:.5f}; bitwise as with {next(iter(kernels.HEAD_REGISTERS))}: {row['same_as_first']}; "
+            if out:  # after each row: a variant that hangs or faults leaves the rows before it
+                Path(out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+            print(f"heads {name}, {label}: kernel {kernel_ms:.3f} ms ({row['kernel_tflops']:.0f} TFLOP/s) against cuBLAS "
+                  f"{gemm_ms:.3f} ({row['cublas_tflops']:.0f} TFLOP/s) + activations {activate_ms:.3f} ms, cuBLAS's bf16-out GEMM "
+                  f"{bf16_gemm_ms:.3f}; equal to cuBLAS + activations {row['equal_fraction']:.5f}; bitwise as the first variant: {row['same_as_first']}; "
                   f"without the activations {row['no_activation_ms']:.3f} ms, the products alone {row['products_only_ms']:.3f}", flush=True)
         kernels.HEAD_KERNEL_CONFIG = default
-    if out:
-        Path(out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
 
 
 def attention() -> None:

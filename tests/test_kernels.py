@@ -285,10 +285,10 @@ def head_inputs(b: int, s: int, k: int, n: int, seed: int, logit_scale: float = 
 
 
 @pytest.mark.skipif(INTERPRET or not hopper(), reason="needs a Hopper GPU and Gluon")
-@pytest.mark.parametrize("epilogue_warps", list(kernels.HEAD_REGISTERS))
+@pytest.mark.parametrize("variant", list(kernels.HEAD_KERNEL_VARIANTS))
 @pytest.mark.parametrize("data_space", [True, False], ids=["data space", "model space"])
 @pytest.mark.parametrize(("b", "s", "k", "n", "logit_scale"), [(2, 1000, 1536, 960, 3.0), (1, 16384, 1536, 1000, 3.0), (1, 4096, 768, 960, 40.0)])
-def test_heads_kernel_matches_its_reference_on_gpu(b, s, k, n, logit_scale, data_space, epilogue_warps):
+def test_heads_kernel_matches_its_reference_on_gpu(b, s, k, n, logit_scale, data_space, variant):
     """The heads' GEMM and activations in one kernel against the GEMM in float32 and
     `head_activations`: sequences off the tiles across batch edges, many tiles a program, logits up
     to ~|150| (softplus's linear branch, the sigmoid's saturation). The sums differ in order only, so
@@ -300,7 +300,8 @@ def test_heads_kernel_matches_its_reference_on_gpu(b, s, k, n, logit_scale, data
     x, w, bias, scale, data, kinds = head_inputs(b, s, k, n, seed=s, logit_scale=logit_scale)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(kernels.HEAD_KERNEL_CONFIG, "ENABLED", True)
-        mp.setitem(kernels.HEAD_KERNEL_CONFIG, "EPI_WARPS", epilogue_warps)
+        for key, value in kernels.HEAD_KERNEL_VARIANTS[variant].items():
+            mp.setitem(kernels.HEAD_KERNEL_CONFIG, key, value)
         assert kernels.head_kernel_applies(x, w)
         out = kernels.head_predictions(x, w, bias, scale, data, kinds, data_space)
     z = torch.matmul(x.float(), w.float()) + bias

@@ -465,12 +465,28 @@ def conv_bsc(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # float32 logits in memory. Without it (off, or another card): cuBLAS's GEMM writing float32 logits,
 # then Inductor's activation passes over them. H100, 2026-12-07: 71.9 -> 71.5 ms at 524,288 bp all
 # outputs (peak 8.9 -> 7.0 GiB), 30.0 -> 29.1 at 128 bp, 151.1 -> 146.6 ms at 1 Mb (16.7 -> 11.2 GiB).
-HEAD_KERNEL_CONFIG = {"ENABLED": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "STAGES": 4, "EPI_WARPS": 4}
-# Registers a thread by the epilogue's warps: (launch maxnreg, MMA warpgroup, producer). The launch
-# rounds the 1-warp producer up to a warpgroup, so the pool is maxnreg x (epilogue + 8 warps) x 32
-# (64K registers an SM at most); the epilogue gets what the workers leave: 232 with 4 warps, 152 with 8.
-# The MMA warpgroup's 128 x 128 float32 accumulator is 128 of its registers.
+HEAD_KERNEL_CONFIG = {"ENABLED": True, "FORM": "ws", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "STAGES": 4, "EPI_WARPS": 4}
+# The kernel's forms and settings that `bench_kernels.py --heads` times and its GPU test checks, each
+# over HEAD_KERNEL_CONFIG: the warp-specialized form with 4 or 8 epilogue warps, and the cooperative
+# form on 128 x 256 tiles (two warpgroups of 64 x 256 wgmma, the epilogue in their registers;
+# `heads_gluon._heads_fwd_coop`). Not yet measured on a GPU against each other.
+HEAD_KERNEL_VARIANTS = {
+    "ws, 4 epilogue warps": {"FORM": "ws", "BLOCK_N": 128, "STAGES": 4, "EPI_WARPS": 4},
+    "ws, 8 epilogue warps": {"FORM": "ws", "BLOCK_N": 128, "STAGES": 4, "EPI_WARPS": 8},
+    "cooperative 128 x 256": {"FORM": "cooperative", "BLOCK_N": 256, "STAGES": 3},
+}
+# Registers a thread of the warp-specialized form, by the epilogue's warps: (launch maxnreg, MMA
+# warpgroup, producer). The launch rounds the 1-warp producer up to a warpgroup, so the pool is
+# maxnreg x (epilogue + 8 warps) x 32 (64K registers an SM at most); the epilogue gets what the
+# workers leave: 232 with 4 warps, 152 with 8. The MMA warpgroup's 128 x 128 float32 accumulator is
+# 128 of its registers.
 HEAD_REGISTERS = {4: (168, 232, 40), 8: (128, 184, 24)}
+# The cooperative form's (launch maxnreg, producer): a pool of 168 x 12 warps (the producer's
+# rounded up to a warpgroup), of which its two warpgroups get 232 a thread (128 for the 128 x 256
+# float32 accumulator). Its epilogue takes 32 columns at a time: with 64, their parameters beside the
+# sums spilled registers (offline sm_90 compile, Triton 3.6).
+HEAD_COOPERATIVE_REGISTERS = (168, 40)
+HEAD_COOPERATIVE_CHUNK = 32
 HEAD_KERNEL_PARTS = {"all": 2, "no_activation": 1, "products_only": 0}  # heads_gluon.ALL_PARTS and the rest
 # A column's activation (`heads_gluon`'s TRACK, SQUASHED_TRACK, SIGMOID): a genome-track head's, the
 # same with the RNA-seq power, the splice-usage sigmoid.
@@ -478,13 +494,13 @@ HEAD_KINDS = {"track": 0, "squashed_track": 1, "sigmoid": 2}
 
 
 @functools.cache
-def _heads_ws_kernel():
-    """The heads' Hopper kernel, or None where this triton lacks Gluon's Hopper language."""
+def _heads_gluon():
+    """The heads' Hopper kernels (`heads_gluon`), or None where this triton lacks Gluon's Hopper language."""
     try:
         from agpipe.model import heads_gluon
     except ImportError:
         return None
-    return heads_gluon._heads_fwd_ws
+    return heads_gluon
 
 
 def head_kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -494,7 +510,7 @@ def head_kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         bool(HEAD_KERNEL_CONFIG["ENABLED"]) and x.is_cuda and x.dim() == 3 and x.dtype == weight.dtype == torch.bfloat16
         and torch.cuda.get_device_capability(x.device)[0] == 9 and x.stride(-1) == 1 and _tma_rows(x)
         and weight.is_contiguous() and weight.shape[1] % 8 == 0 and weight.data_ptr() % 16 == 0
-        and x.shape[-1] == weight.shape[0] and triton_available() and _heads_ws_kernel() is not None
+        and x.shape[-1] == weight.shape[0] and triton_available() and _heads_gluon() is not None
     )
 
 
@@ -513,8 +529,9 @@ def head_activations(z: torch.Tensor, kinds: torch.Tensor, scale: torch.Tensor, 
 
 def _launch_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, data: torch.Tensor,
                   kinds: torch.Tensor, data_space: bool, parts: str = "all") -> torch.Tensor:
-    """Runs `heads_gluon._heads_fwd_ws`, one persistent program per SM. `parts` other than "all"
-    ("no_activation", "products_only": `heads_gluon.ALL_PARTS`) leave work out, for timing only."""
+    """Runs the heads kernel of HEAD_KERNEL_CONFIG's form (`heads_gluon._heads_fwd_ws` or
+    `_heads_fwd_coop`), one persistent program per SM. `parts` other than "all" ("no_activation",
+    "products_only": `heads_gluon.ALL_PARTS`) leave work out, for timing only."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -529,12 +546,18 @@ def _launch_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sca
 
     tiles_m, tiles_n = -(-s // bm), -(-n // bn)
     num_tiles = bsz * tiles_m * tiles_n
-    maxnreg, mma_regs, load_regs = HEAD_REGISTERS[cfg["EPI_WARPS"]]
-    _heads_ws_kernel()[(min(num_tiles, _sm_count(x.device)),)](
-        desc(x, [1, bm, bk]), desc(weight, [bk, bn]), desc(out, [1, bm, bn]), bias, scale, data, kinds,
-        k_dim, n, tiles_m, tiles_n, num_tiles, DATA_SPACE=data_space, STAGES=cfg["STAGES"],
-        MMA_REGS=mma_regs, LOAD_REGS=load_regs, PARTS=HEAD_KERNEL_PARTS[parts], num_warps=cfg["EPI_WARPS"], maxnreg=maxnreg,
-    )
+    args = (desc(x, [1, bm, bk]), desc(weight, [bk, bn]), desc(out, [1, bm, bn]), bias, scale, data, kinds,
+            k_dim, n, tiles_m, tiles_n, num_tiles)
+    grid = (min(num_tiles, _sm_count(x.device)),)
+    heads_kernels = _heads_gluon()
+    if cfg["FORM"] == "cooperative":
+        maxnreg, load_regs = HEAD_COOPERATIVE_REGISTERS
+        heads_kernels._heads_fwd_coop[grid](*args, DATA_SPACE=data_space, STAGES=cfg["STAGES"], LOAD_REGS=load_regs,
+                                            CHUNK=HEAD_COOPERATIVE_CHUNK, PARTS=HEAD_KERNEL_PARTS[parts], num_warps=8, maxnreg=maxnreg)
+    else:
+        maxnreg, mma_regs, load_regs = HEAD_REGISTERS[cfg["EPI_WARPS"]]
+        heads_kernels._heads_fwd_ws[grid](*args, DATA_SPACE=data_space, STAGES=cfg["STAGES"], MMA_REGS=mma_regs, LOAD_REGS=load_regs,
+                                          PARTS=HEAD_KERNEL_PARTS[parts], num_warps=cfg["EPI_WARPS"], maxnreg=maxnreg)
     return out
 
 
