@@ -263,7 +263,8 @@ def _load_worker(x_desc, w_desc, o_desc, a_bufs, b_bufs, sums, staging, ready, e
 @gluon.jit
 def _heads_fwd_ws(x_desc, w_desc, o_desc, bias_ptr, scale_ptr, data_ptr, kind_ptr,
                   k_dim, n, tiles_m, tiles_n, num_tiles, DATA_SPACE: gl.constexpr, STAGES: gl.constexpr,
-                  MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, PARTS: gl.constexpr = ALL_PARTS):
+                  MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, SUMS_SWIZZLED: gl.constexpr = False,
+                  PARTS: gl.constexpr = ALL_PARTS):
     """x_desc (B, S, K) [1, BLOCK_M, BLOCK_K]; w_desc (K, N) [BLOCK_K, BLOCK_N]; o_desc (B, S, N)
     [1, BLOCK_M, BLOCK_N]; per column (N,): bias, scale (softplus of the learnt scale), data (track
     mean x resolution), kind (int32). Launch with the epilogue's warps (4 or 8); the MMA warpgroup and
@@ -274,8 +275,13 @@ def _heads_fwd_ws(x_desc, w_desc, o_desc, bias_ptr, scale_ptr, data_ptr, kind_pt
     dtype: gl.constexpr = x_desc.dtype
     a_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, BLOCK_K], x_desc.layout)
     b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], w_desc.layout)
-    # written from the MMA warpgroup's registers and read back by the epilogue in the same layout
-    sums = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N], gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float32))
+    # written from the MMA warpgroup's registers and read back by the epilogue in the same layout. In
+    # the default layout each access of a warp takes two wavefronts where one would do (a bank
+    # conflict of 1, by gl.bank_conflicts); swizzling 8-float runs by row has none
+    if SUMS_SWIZZLED:
+        sums = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N], gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))
+    else:
+        sums = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N], gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float32))
     staging = gl.allocate_shared_memory(dtype, [1, BLOCK_M, BLOCK_N], o_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

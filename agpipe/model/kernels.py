@@ -465,14 +465,18 @@ def conv_bsc(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # float32 logits in memory. Without it (off, or another card): cuBLAS's GEMM writing float32 logits,
 # then Inductor's activation passes over them. H100, 2026-12-07: 71.9 -> 71.5 ms at 524,288 bp all
 # outputs (peak 8.9 -> 7.0 GiB), 30.0 -> 29.1 at 128 bp, 151.1 -> 146.6 ms at 1 Mb (16.7 -> 11.2 GiB).
-HEAD_KERNEL_CONFIG = {"ENABLED": True, "FORM": "ws", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "STAGES": 4, "EPI_WARPS": 4}
+HEAD_KERNEL_CONFIG = {"ENABLED": True, "FORM": "ws", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "STAGES": 4, "EPI_WARPS": 4,
+                      "SUMS_SWIZZLED": False}
 # The kernel's forms and settings that `bench_kernels.py --heads` times and its GPU test checks, each
-# over HEAD_KERNEL_CONFIG: the warp-specialized form with 4 or 8 epilogue warps, and the cooperative
-# form on 128 x 256 tiles (two warpgroups of 64 x 256 wgmma, the epilogue in their registers;
-# `heads_gluon._heads_fwd_coop`). Not yet measured on a GPU against each other.
+# over HEAD_KERNEL_CONFIG: the warp-specialized form with 4 or 8 epilogue warps, its sums handed over
+# in the default shared layout or in one without bank conflicts, and the cooperative form on 128 x 256
+# tiles (two warpgroups of 64 x 256 wgmma, the epilogue in their registers; `heads_gluon._heads_fwd_coop`).
+# Not yet measured on a GPU against each other.
 HEAD_KERNEL_VARIANTS = {
-    "ws, 4 epilogue warps": {"FORM": "ws", "BLOCK_N": 128, "STAGES": 4, "EPI_WARPS": 4},
-    "ws, 8 epilogue warps": {"FORM": "ws", "BLOCK_N": 128, "STAGES": 4, "EPI_WARPS": 8},
+    "ws, 4 epilogue warps": {"FORM": "ws", "BLOCK_N": 128, "STAGES": 4, "EPI_WARPS": 4, "SUMS_SWIZZLED": False},
+    "ws, 8 epilogue warps": {"FORM": "ws", "BLOCK_N": 128, "STAGES": 4, "EPI_WARPS": 8, "SUMS_SWIZZLED": False},
+    "ws, 4 epilogue warps, swizzled sums": {"FORM": "ws", "BLOCK_N": 128, "STAGES": 4, "EPI_WARPS": 4, "SUMS_SWIZZLED": True},
+    "ws, 8 epilogue warps, swizzled sums": {"FORM": "ws", "BLOCK_N": 128, "STAGES": 4, "EPI_WARPS": 8, "SUMS_SWIZZLED": True},
     "cooperative 128 x 256": {"FORM": "cooperative", "BLOCK_N": 256, "STAGES": 3},
 }
 # Registers a thread of the warp-specialized form, by the epilogue's warps: (launch maxnreg, MMA
@@ -557,7 +561,8 @@ def _launch_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sca
     else:
         maxnreg, mma_regs, load_regs = HEAD_REGISTERS[cfg["EPI_WARPS"]]
         heads_kernels._heads_fwd_ws[grid](*args, DATA_SPACE=data_space, STAGES=cfg["STAGES"], MMA_REGS=mma_regs, LOAD_REGS=load_regs,
-                                          PARTS=HEAD_KERNEL_PARTS[parts], num_warps=cfg["EPI_WARPS"], maxnreg=maxnreg)
+                                          SUMS_SWIZZLED=cfg["SUMS_SWIZZLED"], PARTS=HEAD_KERNEL_PARTS[parts],
+                                          num_warps=cfg["EPI_WARPS"], maxnreg=maxnreg)
     return out
 
 
