@@ -266,6 +266,20 @@ def heads(out: str | None) -> None:
 
     from agpipe.model.precision import compile_options
 
+    # What L2 and the card's memory move (a copy, bytes read + written), for the kernel's operand loads
+    # from L2. Copies of 20 MB (both buffers stay in the 50 MB L2), 50 to a CUDA graph so that no
+    # launch comes between them: still a lower bound, as the graph's kernels do not overlap
+    src, dst = torch.empty(2, 5 << 20, device="cuda").unbind()
+    copies = torch.cuda.CUDAGraph()
+    dst.copy_(src)
+    with torch.cuda.graph(copies):
+        for _ in range(50):
+            dst.copy_(src)
+    l2_copy_tbps = 2 * src.nbytes / (median_ms(copies.replay) / 50) / 1e9
+    big = torch.empty(2, 256 << 20, device="cuda")  # 1 GiB each
+    dram_copy_tbps = 2 * big[0].nbytes / median_ms(lambda: big[1].copy_(big[0])) / 1e9
+    del big
+    print(f"L2 copy {l2_copy_tbps:.2f} TB/s, memory copy {dram_copy_tbps:.2f} TB/s", flush=True)
     rows = []
     for name, (s, k, n, runs) in HEAD_SHAPES.items():
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -299,7 +313,10 @@ def heads(out: str | None) -> None:
                    "kernel_tflops": tflop / kernel_ms * 1e3, "cublas_gemm_ms": gemm_ms, "inductor_activations_ms": activate_ms,
                    "cublas_tflops": tflop / gemm_ms * 1e3, "cublas_bf16_out_gemm_ms": bf16_gemm_ms,
                    "equal_fraction": (y == ref).float().mean().item(), "same_as_first": bool(torch.equal(y, first)),
-                   "config": dict(kernels.HEAD_KERNEL_CONFIG)}
+                   "config": dict(kernels.HEAD_KERNEL_CONFIG), "l2_copy_tbps": l2_copy_tbps, "dram_copy_tbps": dram_copy_tbps}
+            # each tile loads its rows of x and its columns of w over all of K
+            bm, bn = kernels.HEAD_KERNEL_CONFIG["BLOCK_M"], kernels.HEAD_KERNEL_CONFIG["BLOCK_N"]
+            row["operand_load_tb"] = -(-s // bm) * -(-n // bn) * (bm + bn) * k * 2 / 1e12
             # the kernel with parts left out: which one binds
             for parts in kernels.HEAD_KERNEL_PARTS:
                 row[f"{parts}_ms"] = median_ms(lambda: kernels._launch_heads(x, w, bias, scale, data, kinds, True, parts=parts))
@@ -309,7 +326,8 @@ def heads(out: str | None) -> None:
             print(f"heads {name}, {label}: kernel {kernel_ms:.3f} ms ({row['kernel_tflops']:.0f} TFLOP/s) against cuBLAS "
                   f"{gemm_ms:.3f} ({row['cublas_tflops']:.0f} TFLOP/s) + activations {activate_ms:.3f} ms, cuBLAS's bf16-out GEMM "
                   f"{bf16_gemm_ms:.3f}; equal to cuBLAS + activations {row['equal_fraction']:.5f}; bitwise as the first variant: {row['same_as_first']}; "
-                  f"without the activations {row['no_activation_ms']:.3f} ms, the products alone {row['products_only_ms']:.3f}", flush=True)
+                  f"without the activations {row['no_activation_ms']:.3f} ms, the products alone {row['products_only_ms']:.3f} "
+                  f"(operand loads {row['operand_load_tb'] / row['products_only_ms'] * 1e3:.1f} TB/s)", flush=True)
         kernels.HEAD_KERNEL_CONFIG = default
 
 
