@@ -3,7 +3,8 @@ fused attention kernels (FlexAttention, the hand-written Triton one) against the
 Prints one line per variant; --triton-configs sweeps the Triton attention kernel's tiles instead,
 --conv [--out FILE.json] the Triton convolution's tiles over the model's convolutions against cuDNN,
 --head-transforms [--out FILE.json] what the 1 bp RNA-seq head's math after its GEMM costs, step by step,
---heads [--out FILE.json] the heads' kernel against cuBLAS's GEMM + Inductor's activations at the model's shapes."""
+--heads [--out FILE.json] the heads' kernel against cuBLAS's GEMM + Inductor's activations at the model's shapes,
+--attention-forms [--out FILE.json] the attention kernel's two forms, each with the exact soft-cap and FAST_TANH."""
 
 from __future__ import annotations
 
@@ -276,9 +277,8 @@ def heads(out: str | None) -> None:
         for _ in range(50):
             dst.copy_(src)
     l2_copy_tbps = 2 * src.nbytes / (median_ms(copies.replay) / 50) / 1e9
-    big = torch.empty(2, 256 << 20, device="cuda")  # 1 GiB each
-    dram_copy_tbps = 2 * big[0].nbytes / median_ms(lambda: big[1].copy_(big[0])) / 1e9
-    del big
+    big, big_copy = torch.empty(2, 256 << 20, device="cuda").unbind()  # 1 GiB each
+    dram_copy_tbps = 2 * big.nbytes / median_ms(lambda: big_copy.copy_(big)) / 1e9
     print(f"L2 copy {l2_copy_tbps:.2f} TB/s, memory copy {dram_copy_tbps:.2f} TB/s", flush=True)
     rows = []
     for name, (s, k, n, runs) in HEAD_SHAPES.items():
@@ -355,6 +355,45 @@ def attention() -> None:
             print(f"attention {s} tokens: {name} {t:.3f} ms back to back ({flop / t / 1e9:.0f} TFLOP/s)  vs reference: {differences(fn(q, k, v, bias, 5.0), expected)}", flush=True)
 
 
+def attention_forms(out: str | None) -> None:
+    """`triton_mha` in its two forms (`TRITON_MHA_CONFIG["FORM"]`: the Triton kernel, the ping-pong
+    Gluon one), each with the exact soft-cap and FAST_TANH, at the model's lengths and layout (q a
+    (B, S, H, D) tensor seen as (B, H, S, D)), against the float32 reference."""
+    import json
+
+    rows = []
+    default = dict(kernels.TRITON_MHA_CONFIG)
+    for s in (4096, 8192):
+        g = torch.Generator(device="cuda").manual_seed(s)
+        q = torch.randn(1, s, 8, 128, device="cuda", generator=g).bfloat16().transpose(1, 2)
+        k = torch.randn(1, 1, s, 128, device="cuda", generator=g).bfloat16()
+        v = torch.randn(1, 1, s, 192, device="cuda", generator=g).bfloat16()
+        bias = torch.randn(1, 8, s // 16, s // 16, device="cuda", generator=g)
+        expected = attention_reference(q, k, v, bias)
+        flop = attention_flop(q, v)
+        first = {}
+        for form in ("triton", "pingpong"):
+            for fast_tanh in (False, True):
+                kernels.TRITON_MHA_CONFIG = {**default, "FORM": form, "FAST_TANH": fast_tanh}
+                tiles = kernels._mha_tiles(q, k, v, bias, 5.0)
+                applies = form == "triton" or kernels._pingpong_applies(q, k, v, tiles)
+                y = triton_mha(q, k, v, bias, 5.0)
+                first.setdefault(fast_tanh, y)
+                ms = back_to_back_ms(lambda: triton_mha(q, k, v, bias, 5.0))
+                diff = y.float() - expected.float()
+                row = {"tokens": s, "form": form, "fast_tanh": fast_tanh, "kernel_applies": applies, "ms": ms,
+                       "tflops": flop / ms / 1e9, "max_abs": diff.abs().max().item(),
+                       "rel_l2": (diff.norm() / expected.float().norm()).item(),
+                       "equal_to_triton_form": (y == first[fast_tanh]).float().mean().item()}
+                rows.append(row)
+                if out:  # after each row: a form that hangs or faults leaves the rows before it
+                    Path(out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+                print(f"attention {s} tokens, {form}{' FAST_TANH' if fast_tanh else ''}{'' if applies else ' (DID NOT APPLY)'}: "
+                      f"{ms:.3f} ms ({row['tflops']:.0f} TFLOP/s), vs reference max abs {row['max_abs']:.1e} rel L2 "
+                      f"{row['rel_l2']:.1e}, equal to the Triton form's {row['equal_to_triton_form']:.4f}", flush=True)
+    kernels.TRITON_MHA_CONFIG = default
+
+
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__)
     if "--triton-configs" in sys.argv:
@@ -363,6 +402,8 @@ if __name__ == "__main__":
         head_transforms(sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None)
     elif "--heads" in sys.argv:
         heads(sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None)
+    elif "--attention-forms" in sys.argv:
+        attention_forms(sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None)
     elif "--conv" in sys.argv:
         conv_kernel(sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None)
     else:

@@ -132,16 +132,44 @@ def test_the_fast_path_takes_the_kernel_where_it_applies_and_flex_elsewhere():
     assert torch.equal(fast(q, k, v, bias, SOFT_CAP), flex_mha(q, k, v, bias, SOFT_CAP))
 
 
+def use_form(form: str, monkeypatch) -> None:
+    if form == "pingpong" and not hopper():
+        pytest.skip("the ping-pong form needs a Hopper GPU and Gluon")
+    monkeypatch.setitem(kernels.TRITON_MHA_CONFIG, "FORM", form)
+
+
 @pytest.mark.skipif(INTERPRET, reason="needs CUDA")
+@pytest.mark.parametrize("form", ["triton", "pingpong"])
 @pytest.mark.parametrize("fast_tanh", [False, True], ids=["exact soft-cap", "tanh.approx"])
 @pytest.mark.parametrize(("s", "q_scale", "bias_scale"), [(4096, 1.0, 1.0), (8192, 1.0, 1.0), (4096, 4.0, 8.0)])
-def test_full_length_on_gpu(s, q_scale, bias_scale, fast_tanh, monkeypatch):
+def test_full_length_on_gpu(s, q_scale, bias_scale, fast_tanh, form, monkeypatch):
     """At the model's lengths, with logits as the model has them and saturating the cap (+-40), the
-    exact soft-cap and FAST_TANH's tanh.approx.f32 (~2^-11 relative on tanh) within the same bounds."""
+    exact soft-cap and FAST_TANH's tanh.approx.f32 (~2^-11 relative on tanh) within the same bounds,
+    in both of the kernel's forms."""
+    use_form(form, monkeypatch)
     monkeypatch.setitem(kernels.TRITON_MHA_CONFIG, "FAST_TANH", fast_tanh)
     q, k, v, bias = inputs(1, s, seed=s, q_scale=q_scale, bias_scale=bias_scale)
+    assert form == "triton" or kernels._pingpong_applies(q, k, v, kernels._mha_tiles(q, k, v, bias, SOFT_CAP))
     out = triton_mha(q, k, v, bias, SOFT_CAP)
     assert torch.isfinite(out.float()).all()
+    max_abs, rel = errors(out, reference(q, k, v, bias))
+    assert max_abs <= 2e-2 and rel <= 5e-3, (max_abs, rel)
+
+
+@pytest.mark.skipif(INTERPRET, reason="needs CUDA")
+@pytest.mark.parametrize(("b", "s"), [(1, 128), (2, 256), (3, 1024)])
+def test_pingpong_form_matches_the_triton_form_on_gpu(b, s, monkeypatch):
+    """The ping-pong kernel computes `_mha_fwd`'s math (the same ops on the same tiles of 64 keys):
+    batches and heads side by side in its 2-d views, one key tile and many. Its row sums add the
+    tiles' in the same order, so outputs agree but for a rounding step now and then."""
+    use_form("pingpong", monkeypatch)
+    q, k, v, bias = inputs(b, s, seed=b * s)
+    out = triton_mha(q, k, v, bias, SOFT_CAP)
+    monkeypatch.setitem(kernels.TRITON_MHA_CONFIG, "FORM", "triton")
+    ref = triton_mha(q, k, v, bias, SOFT_CAP)
+    assert out.shape == ref.shape == (b, 8, s, 192) and out.stride() == ref.stride()
+    assert (out == ref).float().mean() > 0.99
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-3)
     max_abs, rel = errors(out, reference(q, k, v, bias))
     assert max_abs <= 2e-2 and rel <= 5e-3, (max_abs, rel)
 

@@ -58,7 +58,13 @@ def flex_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tens
 # stages ran 0.247 and 0.938 ms. FAST_TANH swaps the exact soft-cap for tanh.approx.f32 (CUDA only,
 # ~2^-11 relative error on tanh): the 9 layers 2.27 -> 2.02 ms a window, and the model meets the bf16
 # criteria with it (H100, 2026-11-28, docs/performance.md); off until the GPU tests have run with it.
-TRITON_MHA_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "FAST_TANH": False}
+TRITON_MHA_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "FAST_TANH": False, "FORM": "triton"}
+# FORM "pingpong": on Hopper, `attention_gluon._mha_fwd_pingpong` (FlashAttention-3's split: a TMA
+# producer warp, two consumer warpgroups of 64 query rows taking turns at the tensor cores, each one's
+# softmax beside the other's products) where its shapes apply, the kernel above elsewhere. Its key
+# tiles and ring (200 KB of shared memory with 3 stages; no register spills, offline sm_90 compile).
+# Not yet run on a GPU (sixteenth session: none was lent), so off.
+MHA_PINGPONG_CONFIG = {"BLOCK_N": 64, "STAGES": 3}
 
 _LOG2E = 1.4426950408889634
 
@@ -168,8 +174,61 @@ def _mha_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     return (block_m, block_n, dv_lo, dv_hi, r) if fits else None
 
 
+@functools.cache
+def _attention_gluon():
+    """The ping-pong attention kernel's module, or None where this triton lacks Gluon's Hopper language."""
+    try:
+        from agpipe.model import attention_gluon
+    except ImportError:
+        return None
+    return attention_gluon
+
+
+def _pingpong_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: tuple[int, int, int, int, int]) -> bool:
+    """Whether `_mha_fwd_pingpong` takes these inputs (already fit for `_mha_fwd`): FORM "pingpong",
+    a Hopper card, bf16, q a (B, S, H, D) tensor seen as (B, H, S, D), whole 128-row query blocks and
+    key tiles, the bias block no wider than a key tile."""
+    _, _, dv_lo, dv_hi, r = tiles
+    bsz, heads, s, d = q.shape
+    return (
+        TRITON_MHA_CONFIG.get("FORM") == "pingpong" and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+        and q.dtype == torch.bfloat16 and q.transpose(1, 2).is_contiguous() and k.is_contiguous() and v.is_contiguous()
+        and s % 128 == 0 and s % MHA_PINGPONG_CONFIG["BLOCK_N"] == 0 and r <= MHA_PINGPONG_CONFIG["BLOCK_N"]
+        and d <= 256 and dv_lo <= 256 and dv_hi <= 256 and _attention_gluon() is not None
+    )
+
+
+def _gluon_descriptor(t: torch.Tensor, block: list[int]):
+    """A TMA descriptor of bf16 tensor t for Gluon's Hopper kernels: blocks of `block`, NVMMA-swizzled."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+
+
+def _launch_mha_pingpong(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, tiles: tuple[int, int, int, int, int],
+                         scales: tuple[float, float, float]) -> torch.Tensor:
+    """Runs `attention_gluon._mha_fwd_pingpong`: one program per 128 query rows of one head."""
+    _, _, dv_lo, dv_hi, r = tiles
+    bsz, heads, s, d = q.shape
+    dv = v.shape[-1]
+    block_n = MHA_PINGPONG_CONFIG["BLOCK_N"]
+    out = torch.empty(bsz, s, heads, dv, device=q.device, dtype=q.dtype)
+
+    desc = _gluon_descriptor
+    # 2-d (rows, columns) views: the kernel addresses V's and the output's high columns from column 0
+    q2, k2, v2, o2 = q.transpose(1, 2).reshape(bsz * s, heads * d), k.reshape(bsz * s, d), v.reshape(bsz * s, dv), out.view(bsz * s, heads * dv)
+    _attention_gluon()._mha_fwd_pingpong[(s // 128, bsz * heads)](
+        desc(q2, [64, d]), desc(k2, [block_n, d]), desc(v2, [block_n, dv_lo]), desc(v2, [block_n, dv_hi]),
+        desc(o2, [64, dv_lo]), desc(o2, [64, dv_hi]), bias, bias.stride(0), bias.stride(1), bias.stride(2), s, heads, *scales,
+        R=r, STAGES=MHA_PINGPONG_CONFIG["STAGES"], FAST_TANH=bool(TRITON_MHA_CONFIG["FAST_TANH"]), num_warps=4, maxnreg=168,
+    )
+    return out.transpose(1, 2)
+
+
 def _launch_mha(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, soft_cap: float) -> torch.Tensor:
-    """Checks the shapes, picks the tiles and runs `kernel` (jitted, or interpreted on the CPU)."""
+    """Checks the shapes, picks the tiles and runs `kernel` (jitted, or interpreted on the CPU), or
+    the ping-pong kernel where FORM asks for it and it applies."""
     cfg = TRITON_MHA_CONFIG
     tiles = _mha_tiles(q, k, v, bias, soft_cap)
     if tiles is None:
@@ -183,13 +242,15 @@ def _launch_mha(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     bsz, heads, s, d = q.shape
     dv = v.shape[-1]
     q, k, v, bias = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, bias))
-    # Stored (B, S, H, Dv) and viewed as (B, H, S, Dv): the block's transpose + reshape is then free.
-    out = torch.empty(bsz, s, heads, dv, device=q.device, dtype=q.dtype).transpose(1, 2)
     if cfg["FAST_TANH"]:
         qk_scale, bias_scale, p_scale = 1.0 / (math.sqrt(d) * soft_cap), 1.0 / soft_cap, soft_cap * _LOG2E
     else:
         y = 2.0 * _LOG2E / soft_cap
         qk_scale, bias_scale, p_scale = y / math.sqrt(d), y, -2.0 * soft_cap * _LOG2E
+    if _pingpong_applies(q, k, v, tiles):
+        return _launch_mha_pingpong(q, k, v, bias, tiles, (qk_scale, bias_scale, p_scale))
+    # Stored (B, S, H, Dv) and viewed as (B, H, S, Dv): the block's transpose + reshape is then free.
+    out = torch.empty(bsz, s, heads, dv, device=q.device, dtype=q.dtype).transpose(1, 2)
     kernel[(s // block_m, bsz * heads)](
         q, k, v, bias, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
@@ -536,18 +597,13 @@ def _launch_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sca
     """Runs the heads kernel of HEAD_KERNEL_CONFIG's form (`heads_gluon._heads_fwd_ws` or
     `_heads_fwd_coop`), one persistent program per SM. `parts` other than "all" ("no_activation",
     "products_only": `heads_gluon.ALL_PARTS`) leave work out, for timing only."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     cfg = HEAD_KERNEL_CONFIG
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     bsz, s, k_dim = x.shape
     n = weight.shape[1]
     out = torch.empty(bsz, s, n, device=x.device, dtype=x.dtype)
 
-    def desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
-
+    desc = _gluon_descriptor
     tiles_m, tiles_n = -(-s // bm), -(-n // bn)
     num_tiles = bsz * tiles_m * tiles_n
     args = (desc(x, [1, bm, bk]), desc(weight, [bk, bn]), desc(out, [1, bm, bn]), bias, scale, data, kinds,
