@@ -186,15 +186,16 @@ def _attention_gluon():
 
 def _pingpong_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: tuple[int, int, int, int, int]) -> bool:
     """Whether `_mha_fwd_pingpong` takes these inputs (already fit for `_mha_fwd`): FORM "pingpong",
-    a Hopper card, bf16, q a (B, S, H, D) tensor seen as (B, H, S, D), whole 128-row query blocks and
+    a Hopper card, bf16, the official model's head dims (D 128, Dv 192 = 128 + 64: what its registers
+    were budgeted for), q a (B, S, H, D) tensor seen as (B, H, S, D), whole 128-row query blocks and
     key tiles, the bias block no wider than a key tile."""
     _, _, dv_lo, dv_hi, r = tiles
     bsz, heads, s, d = q.shape
     return (
         TRITON_MHA_CONFIG.get("FORM") == "pingpong" and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
         and q.dtype == torch.bfloat16 and q.transpose(1, 2).is_contiguous() and k.is_contiguous() and v.is_contiguous()
-        and s % 128 == 0 and s % MHA_PINGPONG_CONFIG["BLOCK_N"] == 0 and r <= MHA_PINGPONG_CONFIG["BLOCK_N"]
-        and d <= 256 and dv_lo <= 256 and dv_hi <= 256 and _attention_gluon() is not None
+        and (d, dv_lo, dv_hi) == (128, 128, 64) and s % 128 == 0 and s % MHA_PINGPONG_CONFIG["BLOCK_N"] == 0
+        and r <= MHA_PINGPONG_CONFIG["BLOCK_N"] and _attention_gluon() is not None
     )
 
 
@@ -215,12 +216,12 @@ def _launch_mha_pingpong(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     block_n = MHA_PINGPONG_CONFIG["BLOCK_N"]
     out = torch.empty(bsz, s, heads, dv, device=q.device, dtype=q.dtype)
 
-    desc = _gluon_descriptor
     # 2-d (rows, columns) views: the kernel addresses V's and the output's high columns from column 0
     q2, k2, v2, o2 = q.transpose(1, 2).reshape(bsz * s, heads * d), k.reshape(bsz * s, d), v.reshape(bsz * s, dv), out.view(bsz * s, heads * dv)
+    descriptors = [_gluon_descriptor(t, block) for t, block in (
+        (q2, [64, d]), (k2, [block_n, d]), (v2, [block_n, dv_lo]), (v2, [block_n, dv_hi]), (o2, [64, dv_lo]), (o2, [64, dv_hi]))]
     _attention_gluon()._mha_fwd_pingpong[(s // 128, bsz * heads)](
-        desc(q2, [64, d]), desc(k2, [block_n, d]), desc(v2, [block_n, dv_lo]), desc(v2, [block_n, dv_hi]),
-        desc(o2, [64, dv_lo]), desc(o2, [64, dv_hi]), bias, bias.stride(0), bias.stride(1), bias.stride(2), s, heads, *scales,
+        *descriptors, bias, bias.stride(0), bias.stride(1), bias.stride(2), s, heads, *scales,
         R=r, STAGES=MHA_PINGPONG_CONFIG["STAGES"], FAST_TANH=bool(TRITON_MHA_CONFIG["FAST_TANH"]), num_warps=4, maxnreg=168,
     )
     return out.transpose(1, 2)
@@ -603,11 +604,10 @@ def _launch_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sca
     n = weight.shape[1]
     out = torch.empty(bsz, s, n, device=x.device, dtype=x.dtype)
 
-    desc = _gluon_descriptor
     tiles_m, tiles_n = -(-s // bm), -(-n // bn)
     num_tiles = bsz * tiles_m * tiles_n
-    args = (desc(x, [1, bm, bk]), desc(weight, [bk, bn]), desc(out, [1, bm, bn]), bias, scale, data, kinds,
-            k_dim, n, tiles_m, tiles_n, num_tiles)
+    args = (_gluon_descriptor(x, [1, bm, bk]), _gluon_descriptor(weight, [bk, bn]), _gluon_descriptor(out, [1, bm, bn]),
+            bias, scale, data, kinds, k_dim, n, tiles_m, tiles_n, num_tiles)
     grid = (min(num_tiles, _sm_count(x.device)),)
     heads_kernels = _heads_gluon()
     if cfg["FORM"] == "cooperative":
