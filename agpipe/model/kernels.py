@@ -532,7 +532,8 @@ HEAD_KERNEL_CONFIG = {"ENABLED": True, "FORM": "ws", "BLOCK_M": 128, "BLOCK_N": 
 # The kernel's forms and settings that `bench_kernels.py --heads` times and its GPU test checks, each
 # over HEAD_KERNEL_CONFIG: the warp-specialized form with 4 or 8 epilogue warps, its sums handed over
 # in the default shared layout or in one without bank conflicts, and the cooperative form on 128 x 256
-# tiles (two warpgroups of 64 x 256 wgmma, the epilogue in their registers; `heads_gluon._heads_fwd_coop`).
+# and 128 x 128 tiles (two warpgroups of 64-row wgmma, the epilogue in their registers;
+# `heads_gluon._heads_fwd_coop`).
 # Not yet measured on a GPU against each other.
 HEAD_KERNEL_VARIANTS = {
     "ws, 4 epilogue warps": {"FORM": "ws", "BLOCK_N": 128, "STAGES": 4, "EPI_WARPS": 4, "SUMS_SWIZZLED": False},
@@ -540,6 +541,9 @@ HEAD_KERNEL_VARIANTS = {
     "ws, 4 epilogue warps, swizzled sums": {"FORM": "ws", "BLOCK_N": 128, "STAGES": 4, "EPI_WARPS": 4, "SUMS_SWIZZLED": True},
     "ws, 8 epilogue warps, swizzled sums": {"FORM": "ws", "BLOCK_N": 128, "STAGES": 4, "EPI_WARPS": 8, "SUMS_SWIZZLED": True},
     "cooperative 128 x 256": {"FORM": "cooperative", "BLOCK_N": 256, "STAGES": 3},
+    # the warp-specialized form's tile, its epilogue in the MMA warpgroups' registers: what the
+    # sums' handover and the separate epilogue warps cost or gain, at the same operand traffic
+    "cooperative 128 x 128": {"FORM": "cooperative", "BLOCK_N": 128, "STAGES": 4},
 }
 # Registers a thread of the warp-specialized form, by the epilogue's warps: (launch maxnreg, MMA
 # warpgroup, producer). The launch rounds the 1-warp producer up to a warpgroup, so the pool is
