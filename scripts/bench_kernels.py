@@ -8,6 +8,7 @@ Prints one line per variant; --triton-configs sweeps the Triton attention kernel
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -165,8 +166,6 @@ def conv_kernel(out: str | None) -> None:
     the model's convolutions: per config of CONV_SWEEP the summed milliseconds, and per convolution
     cuDNN's conv alone, cuDNN's conv + the eager bias and residual adds, and agreement with the
     reference (kernels.conv_bias_residual_once: share of values equal)."""
-    import json
-
     default = dict(kernels.TRITON_CONV_CONFIG)
     rows, totals = [], {}
     for c_in, c_out, s in MODEL_CONVS:
@@ -245,8 +244,6 @@ def head_transforms(out: str | None) -> None:
         rows.append({"variant": name, "ms": t, "max_relative_difference_to_model_eager": rel})
         print(f"head transform {name}: {t:.3f} ms ({logits.numel() / t / 1e6:.0f} G values/s); max rel diff to the model's math run eagerly {rel:.1e}", flush=True)
     if out:
-        import json
-
         summary = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "logits": list(logits.shape), "variants": rows}
         Path(out).write_text(json.dumps(summary, indent=1))
 
@@ -258,13 +255,18 @@ HEAD_SHAPES = {
 }
 
 
+def write_rows(out: str | None, rows: list[dict]) -> None:
+    """The rows so far as JSON at `out`, written after each one: a variant that hangs or faults
+    leaves the rows before it."""
+    if out:
+        Path(out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+
+
 def heads(out: str | None) -> None:
     """`kernels.head_predictions` (one kernel: GEMM, bias, each column's activation, bf16 out) against
     what the model runs without it: cuBLAS's GEMM writing float32 logits (`matmul_f32_out`) and the
     same activations compiled by Inductor (`head_activations`), on random inputs of the model's shapes;
     for each of `kernels.HEAD_KERNEL_VARIANTS`, and with the activations, then the whole epilogue, left out."""
-    import json
-
     from agpipe.model.precision import compile_options
 
     # What L2 and the card's memory move (a copy, bytes read + written), for the kernel's operand loads
@@ -321,8 +323,7 @@ def heads(out: str | None) -> None:
             for parts in kernels.HEAD_KERNEL_PARTS:
                 row[f"{parts}_ms"] = median_ms(lambda: kernels._launch_heads(x, w, bias, scale, data, kinds, True, parts=parts))
             rows.append(row)
-            if out:  # after each row: a variant that hangs or faults leaves the rows before it
-                Path(out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+            write_rows(out, rows)
             print(f"heads {name}, {label}: kernel {kernel_ms:.3f} ms ({row['kernel_tflops']:.0f} TFLOP/s) against cuBLAS "
                   f"{gemm_ms:.3f} ({row['cublas_tflops']:.0f} TFLOP/s) + activations {activate_ms:.3f} ms, cuBLAS's bf16-out GEMM "
                   f"{bf16_gemm_ms:.3f}; equal to cuBLAS + activations {row['equal_fraction']:.5f}; bitwise as the first variant: {row['same_as_first']}; "
@@ -359,8 +360,6 @@ def attention_forms(out: str | None) -> None:
     """`triton_mha` in its two forms (`TRITON_MHA_CONFIG["FORM"]`: the Triton kernel, the ping-pong
     Gluon one), each with the exact soft-cap and FAST_TANH, at the model's lengths and layout (q a
     (B, S, H, D) tensor seen as (B, H, S, D)), against the float32 reference."""
-    import json
-
     rows = []
     default = dict(kernels.TRITON_MHA_CONFIG)
     for s in (4096, 8192):
@@ -386,8 +385,7 @@ def attention_forms(out: str | None) -> None:
                        "rel_l2": (diff.norm() / expected.float().norm()).item(),
                        "equal_to_triton_form": (y == first[fast_tanh]).float().mean().item()}
                 rows.append(row)
-                if out:  # after each row: a form that hangs or faults leaves the rows before it
-                    Path(out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+                write_rows(out, rows)
                 print(f"attention {s} tokens, {form}{' FAST_TANH' if fast_tanh else ''}{'' if applies else ' (DID NOT APPLY)'}: "
                       f"{ms:.3f} ms ({row['tflops']:.0f} TFLOP/s), vs reference max abs {row['max_abs']:.1e} rel L2 "
                       f"{row['rel_l2']:.1e}, equal to the Triton form's {row['equal_to_triton_form']:.4f}", flush=True)

@@ -61,9 +61,9 @@ def flex_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tens
 TRITON_MHA_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "FAST_TANH": False, "FORM": "triton"}
 # FORM "pingpong": on Hopper, `attention_gluon._mha_fwd_pingpong` (FlashAttention-3's split: a TMA
 # producer warp, two consumer warpgroups of 64 query rows taking turns at the tensor cores, each one's
-# softmax beside the other's products) where its shapes apply, the kernel above elsewhere. Its key
-# tiles and ring (200 KB of shared memory with 3 stages; no register spills, offline sm_90 compile).
-# Not yet run on a GPU (sixteenth session: none was lent), so off.
+# softmax beside the other's products) where its shapes apply, the kernel above elsewhere.
+# MHA_PINGPONG_CONFIG: its key tile and ring depth (200 KB of shared memory with 3 stages of 64 keys; no
+# register spills, offline sm_90 compile). Not yet run on a GPU (sixteenth session: none was lent), so off.
 MHA_PINGPONG_CONFIG = {"BLOCK_N": 64, "STAGES": 3}
 
 _LOG2E = 1.4426950408889634
